@@ -1,0 +1,49 @@
+"""The attention layer the models use, and the custom op that graph splitting cuts at.
+
+``tachyon::attention`` is opaque to torch.compile: the compiled-piecewise backend splits
+the FX graph at it, and the breakable-graph runner ends a graph segment around it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tachyon.forward_context import get_forward_context
+
+ATTENTION_OP_NAME = "tachyon::attention"
+
+
+@torch.library.custom_op(ATTENTION_OP_NAME, mutates_args=("output",))
+def attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+    layer_idx: int,
+) -> None:
+    ctx = get_forward_context()
+    if ctx.attn_metadata is None:  # profiling run: no KV cache exists yet
+        output.zero_()
+        return
+    k_cache, v_cache = ctx.kv_caches[layer_idx]
+    ctx.backend.forward(query, key, value, k_cache, v_cache, ctx.attn_metadata, output)
+
+
+@attention_op.register_fake
+def _(query, key, value, output, layer_idx) -> None:
+    return None
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq*D], k/v: [T, Hk*D] -> [T, Hq*D]."""
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = torch.empty_like(q)
+        attention_op(q, k, v, out, self.layer_idx)
+        return out.view(t, self.num_heads * self.head_dim)

@@ -1,0 +1,304 @@
+"""Engine configuration: one frozen dataclass per concern, built once from user arguments.
+
+``EngineArgs`` is what users type (CLI flags, ``LLM(**kwargs)``); ``EngineArgs.create_config``
+validates it and produces an ``EngineConfig``. Every bad value fails here with a
+``ValueError`` that says what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from tachyon.cudagraph.modes import CUDAGraphMode
+
+ENV_CUDAGRAPH_MODE = "TACHYON_CUDAGRAPH_MODE"
+ENV_ATTENTION_BACKEND = "TACHYON_ATTENTION_BACKEND"
+
+# Default KV budget on CPU, where there is no device memory to profile.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# The capture-size ladder of DESIGN.md: small sizes one by one, then steps of 16.
+_SMALL_CAPTURE_SIZES = (1, 2, 4, 8)
+_CAPTURE_STEP = 16
+DEFAULT_MAX_CAPTURE_SIZE = 512
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 1 << 10,
+               "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_memory_size(text: str | int) -> int:
+    """'2GiB' / '512MiB' / '1.5G' / 1073741824 -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read memory size {text!r}; write it like '2GiB', '512MiB' or bytes")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # what the user asked for: a path, a preset name or "" for the default model
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: Any  # torch.dtype
+    max_model_len: int
+    load_format: str  # "auto" | "safetensors" | "gguf" | "dummy"
+    weights_path: str | None  # resolved path of the weights (dir or .gguf file)
+    tokenizer_path: str | None
+    gguf_file: str | None
+    seed: int
+    skip_tokenizer_init: bool
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    kv_cache_memory: int | None  # explicit bytes for the KV cache (CPU, or an override on GPU)
+    enable_prefix_caching: bool
+    num_gpu_blocks_override: int | None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int
+    distributed_backend: str | None  # None: pick nccl on CUDA, gloo on CPU
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    cudagraph_mode: CUDAGraphMode | None  # None: default for the device
+    cudagraph_capture_sizes: tuple[int, ...] | None
+    max_cudagraph_capture_size: int
+    compile_sizes: tuple[int, ...]
+    piecewise_backend: str  # "breakable" | "compile"
+    cache_dir: str | None
+    enforce_eager: bool
+
+    def capture_sizes(self, max_num_seqs: int) -> tuple[int, ...]:
+        """Sizes to capture, ascending. The largest always covers ``max_num_seqs``."""
+        cap = max(1, min(self.max_cudagraph_capture_size, max_num_seqs))
+        if self.cudagraph_capture_sizes is not None:
+            sizes = sorted({s for s in self.cudagraph_capture_sizes if s <= cap})
+        else:
+            ladder = list(_SMALL_CAPTURE_SIZES) + list(range(_CAPTURE_STEP, cap + 1, _CAPTURE_STEP))
+            sizes = sorted({s for s in ladder if s <= cap})
+        if not sizes or sizes[-1] < cap:
+            sizes.append(cap)  # no gap at the top: max_num_seqs must always find a graph
+        return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    compilation: CompilationConfig
+    device: str  # "cuda" | "cpu"
+    attention_backend: str | None  # None: default for the device
+
+
+_COMPILATION_KEYS = {
+    "cudagraph_mode", "cudagraph_capture_sizes", "max_cudagraph_capture_size",
+    "compile_sizes", "piecewise_backend", "cache_dir", "level", "mode",
+}
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user may set. Field names match the CLI flags (``--max-model-len``...)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: str | int | None = None
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    tensor_parallel_size: int = 1
+    distributed_backend: str | None = None
+    device: str = "auto"
+    attention_backend: str | None = None
+    enforce_eager: bool = False
+    cudagraph_mode: str | None = None
+    compilation_config: dict[str, Any] | str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return cls(**kwargs)
+
+    def create_config(self) -> EngineConfig:
+        import torch
+
+        from tachyon.loader.resolve import resolve_model
+
+        device = self._resolve_device(torch)
+        resolved = resolve_model(self.model, self.load_format, self.tokenizer)
+        hf_config = resolved.hf_config
+        dtype = _resolve_dtype(self.dtype, hf_config, device, torch)
+        max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
+        max_model_len = self.max_model_len if self.max_model_len is not None else max_pos
+        _check_int("max_model_len", max_model_len, 1)
+        if max_model_len > max_pos:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
+                f"({max_pos}); use --max-model-len {max_pos} or less"
+            )
+        _check_int("block_size", self.block_size, 1)
+        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise ValueError(f"block_size must be a power of two <= 256, got {self.block_size}")
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        tokens = self.max_num_batched_tokens
+        if tokens is None:
+            tokens = max(8192, self.max_num_seqs) if self.enable_chunked_prefill else max(
+                max_model_len, self.max_num_seqs)
+        _check_int("max_num_batched_tokens", tokens, 1)
+        if tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({tokens}) must be >= max_num_seqs ({self.max_num_seqs}) "
+                f"so every running request can decode in one step"
+            )
+        if not self.enable_chunked_prefill and tokens < max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({tokens}) must be >= "
+                f"max_model_len ({max_model_len}); raise it or enable chunked prefill"
+            )
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        kv_mem = parse_memory_size(self.kv_cache_memory) if self.kv_cache_memory else None
+        if kv_mem is not None and kv_mem <= 0:
+            raise ValueError("kv_cache_memory must be positive, e.g. '2GiB'")
+        return EngineConfig(
+            model=ModelConfig(
+                model=self.model or "",
+                hf_config=hf_config,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                load_format=resolved.load_format,
+                weights_path=resolved.weights_path,
+                tokenizer_path=resolved.tokenizer_path,
+                gguf_file=resolved.gguf_file,
+                seed=self.seed,
+                skip_tokenizer_init=self.skip_tokenizer_init or resolved.tokenizer_path is None,
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_memory=kv_mem,
+                enable_prefix_caching=self.enable_prefix_caching,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=tokens,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+            ),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_backend),
+            compilation=self._compilation_config(),
+            device=device,
+            attention_backend=self.attention_backend or os.environ.get(ENV_ATTENTION_BACKEND),
+        )
+
+    def _resolve_device(self, torch: Any) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
+        return self.device
+
+    def _compilation_config(self) -> CompilationConfig:
+        raw = self.compilation_config or {}
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--compilation-config is not valid JSON ({e.msg}): {raw!r}") from e
+        if not isinstance(raw, dict):
+            raise ValueError("--compilation-config must be a JSON object, e.g. '{\"cudagraph_mode\": \"FULL\"}'")
+        unknown = sorted(set(raw) - _COMPILATION_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown compilation_config key(s): {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(_COMPILATION_KEYS))}"
+            )
+        mode_text = self.cudagraph_mode or raw.get("cudagraph_mode") or os.environ.get(
+            ENV_CUDAGRAPH_MODE)
+        mode = CUDAGraphMode.parse(mode_text) if mode_text else None
+        if self.enforce_eager:
+            mode = CUDAGraphMode.NONE
+        sizes = raw.get("cudagraph_capture_sizes")
+        if sizes is not None:
+            sizes = tuple(_int_list("cudagraph_capture_sizes", sizes))
+        compile_sizes = tuple(_int_list("compile_sizes", raw.get("compile_sizes", [])))
+        max_size = raw.get("max_cudagraph_capture_size", DEFAULT_MAX_CAPTURE_SIZE)
+        _check_int("max_cudagraph_capture_size", max_size, 1)
+        backend = raw.get("piecewise_backend", "breakable")
+        if backend not in ("breakable", "compile"):
+            raise ValueError(f"piecewise_backend must be 'breakable' or 'compile', got {backend!r}")
+        return CompilationConfig(
+            cudagraph_mode=mode,
+            cudagraph_capture_sizes=sizes,
+            max_cudagraph_capture_size=max_size,
+            compile_sizes=compile_sizes,
+            piecewise_backend=backend,
+            cache_dir=raw.get("cache_dir"),
+            enforce_eager=self.enforce_eager,
+        )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _int_list(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    ):
+        raise ValueError(f"{name} must be a list of positive integers, got {value!r}")
+    return list(value)
+
+
+def _resolve_dtype(name: str, hf_config: Any, device: str, torch: Any) -> Any:
+    table = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        # CPU matmuls in half precision are slow and inexact: float32 there.
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    if name not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(table))}; got {name!r}")
+    return table[name]

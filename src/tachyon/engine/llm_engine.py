@@ -1,0 +1,283 @@
+"""LLMEngine: requests in, outputs out, one ``step()`` at a time.
+
+``add_request`` validates and queues; ``step`` schedules, runs the model, samples, applies
+stops and detokenizes; ``abort_request`` frees a request's blocks at once. The server's
+``AsyncLLM`` drives the same object from a background loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tachyon.config import EngineArgs, EngineConfig
+from tachyon.engine.detokenizer import IncrementalDetokenizer
+from tachyon.engine.kv_cache_manager import KVCacheManager
+from tachyon.engine.request import Request, RequestStatus
+from tachyon.engine.scheduler import Scheduler
+from tachyon.outputs import CompletionOutput, RequestOutput
+from tachyon.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class _Sequence:
+    """One of a request's ``n`` samples."""
+
+    index: int
+    request: Request
+    detok: IncrementalDetokenizer | None
+    output: CompletionOutput
+    first_token_time: float | None = None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_Sequence]
+    arrival: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.output.finish_reason is not None for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        start = time.perf_counter()
+        self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config)
+        self.executor = _make_executor(config)
+        self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+        self.eos_token_ids = _eos_ids(config.model.hf_config, self.tokenizer)
+        self.vocab_size = int(config.model.hf_config.vocab_size)
+        self._parents: dict[str, _Parent] = {}
+        self._seq_owner: dict[str, tuple[_Parent, _Sequence]] = {}
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                      "preemptions": 0, "requests_finished": 0}
+        self.startup_seconds = time.perf_counter() - start
+        logger.info("tachyon ready in %.1f s: %s", self.startup_seconds,
+                    self.executor.startup_report)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args.create_config())
+
+    # -- requests ------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt", "")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty; give at least one character or token")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (dummy preset?); pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list | tuple):
+            return None, list(prompt)
+        raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str | None, prompt: Prompt,
+                    params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Validate then queue. On error nothing is queued and nothing already queued changes."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a tachyon.SamplingParams")
+        params.validate()
+        text, ids = self.tokenize(prompt)
+        self._check_prompt(ids)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self._parents:
+            raise ValueError(f"request id {rid!r} is already in use")
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        parent = _Parent(rid, text, ids, [], now)
+        for i in range(params.n):
+            sp = params
+            if params.n > 1:
+                sp = _child_params(params, i)
+            req = Request(rid if params.n == 1 else f"{rid}#{i}", ids, sp, self.eos_token_ids, now)
+            detok = (IncrementalDetokenizer(self.tokenizer, ids, sp)
+                     if self.tokenizer is not None else None)
+            seq = _Sequence(i, req, detok, CompletionOutput(i, "", []))
+            if sp.logprobs is not None:
+                seq.output.logprobs, seq.output.cumulative_logprob = [], 0.0
+            parent.seqs.append(seq)
+        self._parents[rid] = parent
+        for seq in parent.seqs:
+            self._seq_owner[seq.request.request_id] = (parent, seq)
+            self.scheduler.add_request(seq.request)
+        self.stats["prompt_tokens"] += len(ids) * params.n
+        return rid
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        max_len = self.config.model.max_model_len
+        if len(ids) > max_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, more than max_model_len ({max_len}); "
+                f"shorten it or raise --max-model-len"
+            )
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        seq_ids = []
+        for rid in ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            for seq in parent.seqs:
+                seq_ids.append(seq.request.request_id)
+                self._seq_owner.pop(seq.request.request_id, None)
+        self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty and not sched.finished_request_ids:
+            return []
+        result = self.executor.execute_model(sched)
+        self.stats["steps"] += 1
+        sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
+        logprobs = dict(zip(result.request_ids, result.logprobs, strict=True)) \
+            if result.logprobs is not None else {}
+        progressed = self.scheduler.update(sched, sampled)
+        now = time.monotonic()
+        touched: dict[str, _Parent] = {}
+        stopped: list[str] = []
+        for req in progressed:
+            owner = self._seq_owner.get(req.request_id)
+            if owner is None:
+                continue
+            parent, seq = owner
+            self._on_token(seq, req, logprobs.get(req.request_id), now, stopped)
+            touched[parent.request_id] = parent
+        if stopped:  # stop strings: finish in the scheduler so the blocks are freed now
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self.stats["generation_tokens"] += len(progressed)
+        return [self._make_output(p, now) for p in touched.values()]
+
+    def _on_token(self, seq: _Sequence, req: Request, lps: list[tuple[int, float]] | None,
+                  now: float, stopped: list[str]) -> None:
+        token = req.all_token_ids[-1]
+        out = seq.output
+        out.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if lps and out.logprobs is not None:
+            out.logprobs.append(dict(lps))
+            out.cumulative_logprob += lps[0][1]
+        hit_stop = seq.detok.add_token(token) if seq.detok is not None else False
+        if req.status.finished:
+            out.finish_reason = "length" if req.status is RequestStatus.FINISHED_LENGTH else "stop"
+            out.stop_reason = req.stop_reason
+        elif hit_stop:
+            out.finish_reason, out.stop_reason = "stop", seq.detok.stop_reason
+            stopped.append(req.request_id)
+        if out.finish_reason is not None and seq.detok is not None and not hit_stop:
+            seq.detok.flush()
+        if seq.detok is not None:
+            out.text = seq.detok.text
+
+    def _make_output(self, parent: _Parent, now: float) -> RequestOutput:
+        finished = parent.finished
+        if finished:
+            self._parents.pop(parent.request_id, None)
+            for seq in parent.seqs:
+                self._seq_owner.pop(seq.request.request_id, None)
+            self.stats["requests_finished"] += 1
+        first = [s.first_token_time for s in parent.seqs if s.first_token_time is not None]
+        metrics = {"arrival_time": parent.arrival, "now": now}
+        if first:
+            metrics["first_token_time"] = min(first)
+        cached = max(0, parent.seqs[0].request.num_cached_tokens)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                             [s.output for s in parent.seqs], finished, cached, metrics)
+
+    def take_text_delta(self, request_id: str, index: int, finished: bool) -> str:
+        """For streaming: the text of sample ``index`` not yet handed out."""
+        parent = self._parents.get(request_id)
+        return "" if parent is None else parent.seqs[index].detok.take_delta(finished)
+
+    # -- introspection -------------------------------------------------------------------
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _child_params(params: SamplingParams, i: int) -> SamplingParams:
+    import copy
+
+    sp = copy.copy(params)
+    sp.n = 1
+    if params.seed is not None:
+        sp.seed = params.seed + i
+    return sp
+
+
+def _make_executor(config: EngineConfig) -> Any:
+    if config.parallel.tensor_parallel_size > 1:
+        from tachyon.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    from tachyon.executor.uniproc import UniProcExecutor
+
+    return UniProcExecutor(config)
+
+
+def load_tokenizer(config: EngineConfig) -> Any:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = config.model.tokenizer_path
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        if path.endswith(".gguf"):
+            import os
+
+            return AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                 gguf_file=os.path.basename(path))
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _eos_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(int(e) for e in eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

@@ -1,0 +1,222 @@
+"""Continuous batching: who runs this step, and how many tokens each computes.
+
+One token budget (``max_num_batched_tokens``) and one seat limit (``max_num_seqs``). Running
+requests go first (decodes and unfinished prefill chunks), then waiting ones in arrival
+order, each after its prefix-cache lookup. A prompt longer than what is left of the budget is
+chunked. When the KV pool runs dry the newest running request is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed (its own cached prefix
+usually makes that cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tachyon.config import SchedulerConfig
+from tachyon.engine.kv_cache_manager import KVCacheManager
+from tachyon.engine.request import Request, RequestStatus
+from tachyon.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    The runner computes ``new_token_ids`` at positions ``[num_computed_tokens, ... + n)``.
+    ``block_ids`` is the request's whole block list when ``full_block_ids`` is set (first
+    schedule, or resumption after preemption), otherwise only the blocks added this step.
+    ``sample`` says whether this step reaches the end of the known tokens (so a token is drawn).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    full_block_ids: bool
+    sample: bool
+    prompt_token_ids: list[int] | None = None  # with the first schedule only
+    params: SamplingParams | None = None  # with the first schedule only
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    requests: list[ScheduledRequest]
+    total_num_tokens: int
+    finished_request_ids: list[str] = field(default_factory=list)  # runner may drop their state
+
+    @property
+    def uniform_decode(self) -> bool:
+        """Every request computes exactly one token (what FULL decode graphs are made for)."""
+        return bool(self.requests) and self.total_num_tokens == len(self.requests)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self._known_to_runner: set[str] = set()
+        self._block_counts: dict[str, int] = {}  # blocks already sent to the runner
+
+    # -- queue management -------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (abort, or stop on a stop string) requests wherever they are; unknown ids are
+        ignored. Their blocks are freed at once."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status is RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._release(req, status)
+            done.append(req)
+        return done
+
+    def _release(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req)
+        self._block_counts.pop(req.request_id, None)
+        if req.request_id in self._known_to_runner:
+            self._known_to_runner.discard(req.request_id)
+            self._finished_ids.append(req.request_id)
+
+    # -- one step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        out: list[ScheduledRequest] = []
+        preempted_any = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_any = True
+                if victim is req:
+                    break
+            else:
+                out.append(self._scheduled(req, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        # Admit waiting requests unless this step had to preempt (the pool is tight).
+        while (self.waiting and budget > 0 and not preempted_any
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            hits = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            num_cached = len(hits) * self.kv.block_size
+            n = req.num_tokens - req.num_computed_tokens - num_cached
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.kv.allocate_slots(req, n, hits):
+                break
+            self.waiting.popleft()
+            self.kv.record_prefix_lookup(req.num_tokens, num_cached)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.num_computed_tokens += num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.append(self._scheduled(req, n))
+            budget -= n
+        finished, self._finished_ids = self._finished_ids, []
+        total = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(out, total, finished)
+
+    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        rid = req.request_id
+        blocks = self.kv.block_ids(rid)
+        first = rid not in self._known_to_runner
+        resumed = rid not in self._block_counts
+        sent = 0 if resumed else self._block_counts[rid]
+        self._block_counts[rid] = len(blocks)
+        self._known_to_runner.add(rid)
+        return ScheduledRequest(
+            request_id=rid,
+            new_token_ids=req.all_token_ids[start:start + n],
+            num_computed_tokens=start,
+            block_ids=blocks[sent:],
+            full_block_ids=resumed,
+            sample=start + n == req.num_tokens,
+            prompt_token_ids=req.prompt_token_ids if first else None,
+            params=req.params if first else None,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        self._block_counts.pop(req.request_id, None)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- after the step -------------------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply token-level stops. Returns the
+        requests that got a new token this step (finished ones included)."""
+        progressed = []
+        for s in out.requests:
+            req = self.requests.get(s.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += len(s.new_token_ids)
+            if not s.sample:
+                continue
+            token = sampled[s.request_id]
+            req.append_token(token)
+            progressed.append(req)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.running.remove(req)
+                del self.requests[req.request_id]
+                self._release(req, status)
+        return progressed
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens:
+            if token in req.eos_token_ids:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token in req.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

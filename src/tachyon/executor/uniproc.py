@@ -1,0 +1,30 @@
+"""The in-process executor: one rank, the model runner lives in this process."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tachyon.config import EngineConfig
+from tachyon.engine.scheduler import SchedulerOutput
+from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class UniProcExecutor:
+    def __init__(self, config: EngineConfig) -> None:
+        device = torch.device(config.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(0)
+        self.runner = ModelRunner(config, device)
+        self.num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.startup_report = self.runner.init_graphs()
+
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(out)
+
+    def shutdown(self) -> None:
+        self.runner = None

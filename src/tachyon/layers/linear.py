@@ -1,0 +1,133 @@
+"""Tensor-parallel linear layers.
+
+Column-parallel layers split the output features over ranks (no communication);
+row-parallel layers split the input features and all-reduce the partial sums. Packed layers
+(qkv, gate_up) hold several HF matrices in one weight; their ``weight_loader`` takes a shard
+id and writes this rank's slice of that matrix into the right rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tachyon.distributed.parallel_state import (
+    get_tp_rank,
+    get_tp_world_size,
+    tensor_model_parallel_all_reduce,
+)
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size ({d})")
+    return n // d
+
+
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"weight shape {tuple(loaded.shape)} does not match {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
+        default_weight_loader(param, loaded)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T`` with W's rows (output features) split over ranks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_world_size()
+        self.out_per_rank = _divide(out_features, self.tp_size, "output features")
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
+        n = param.shape[0]
+        default_weight_loader(param, loaded.narrow(0, self.tp_rank * n, n))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices side by side (gate and up projections)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(output_sizes), bias)
+        self.output_sizes = [_divide(s, self.tp_size, "output features") for s in output_sizes]
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None
+    ) -> None:
+        if shard_id is None:  # an already packed checkpoint tensor
+            super().weight_loader(param, loaded)
+            return
+        size = self.output_sizes[shard_id]
+        offset = sum(self.output_sizes[:shard_id])
+        src = loaded.narrow(0, self.tp_rank * size, size)
+        default_weight_loader(param.data.narrow(0, offset, size), src)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Packed q, k, v projections. With more ranks than KV heads, KV heads are replicated."""
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ) -> None:
+        tp = get_tp_world_size()
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp, "attention heads")
+        if tp >= num_kv_heads:
+            _divide(tp, num_kv_heads, "ranks per KV head")
+            self.num_kv_heads, self.kv_replicas = 1, tp // num_kv_heads
+        else:
+            self.num_kv_heads, self.kv_replicas = _divide(num_kv_heads, tp, "KV heads"), 1
+        per_rank = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, per_rank * tp, bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str) -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, rank = 0, q_size, self.tp_rank
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, rank = kv_size, self.tp_rank // self.kv_replicas
+        src = loaded.narrow(0, rank * size, size)
+        default_weight_loader(param.data.narrow(0, offset, size), src)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T`` with W's columns (input features) split over ranks; partial sums reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_world_size()
+        self.in_per_rank = _divide(in_features, self.tp_size, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tensor_model_parallel_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
+        if param.dim() == 1:  # bias: replicated, added once after the reduction
+            default_weight_loader(param, loaded)
+            return
+        n = param.shape[1]
+        default_weight_loader(param, loaded.narrow(1, self.tp_rank * n, n))

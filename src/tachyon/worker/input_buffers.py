@@ -1,0 +1,51 @@
+"""Persistent step-input buffers: allocated once at maximum size, filled by prefix copies.
+
+Every tensor a CUDA graph reads lives here, so its address and strides never change. The
+host side is a pinned staging area laid out exactly like the device side; a step fills a
+prefix of it with numpy and sends it over in two copies (one per dtype).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class InputBuffers:
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+                 device: torch.device) -> None:
+        self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq
+        pin = device.type == "cuda"
+        t, s, m = max_num_tokens, max_num_seqs, max_blocks_per_seq
+        # int64 group: input_ids | positions | slot_mapping | logits_indices
+        self._i64_sizes = (t, t, t, s)
+        # int32 group: query_start_loc (s + 1) | seq_lens | block_table (row-major, last)
+        self._i32_sizes = (s + 1, s, s * m)
+        self.host_i64 = torch.zeros(sum(self._i64_sizes), dtype=torch.int64, pin_memory=pin)
+        self.host_i32 = torch.zeros(sum(self._i32_sizes), dtype=torch.int32, pin_memory=pin)
+        self.dev_i64 = torch.zeros_like(self.host_i64, device=device)
+        self.dev_i32 = torch.zeros_like(self.host_i32, device=device)
+        self.np_i64, self.np_i32 = self.host_i64.numpy(), self.host_i32.numpy()
+
+        def split(buf: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+            return list(buf.split(sizes))
+
+        (self.input_ids, self.positions, self.slot_mapping,
+         self.logits_indices) = split(self.dev_i64, self._i64_sizes)
+        self.query_start_loc, self.seq_lens, bt = split(self.dev_i32, self._i32_sizes)
+        self.block_table = bt.view(s, m)
+        (self.np_input_ids, self.np_positions, self.np_slot_mapping,
+         self.np_logits_indices) = np.split(self.np_i64, np.cumsum(self._i64_sizes)[:-1])
+        np_qsl, np_seq_lens, np_bt = np.split(self.np_i32, np.cumsum(self._i32_sizes)[:-1])
+        self.np_query_start_loc, self.np_seq_lens = np_qsl, np_seq_lens
+        self.np_block_table = np_bt.reshape(s, m)
+        self.host_query_start_loc = self.host_i32[: s + 1]
+        self.host_seq_lens = self.host_i32[s + 1: 2 * s + 1]
+
+    def copy_to_device(self, num_reqs: int) -> None:
+        """Send the staged step over: all int64 inputs, and int32 metadata up to the last
+        block-table row in use (the table is last, so a prefix copy covers it)."""
+        self.dev_i64.copy_(self.host_i64, non_blocking=True)
+        n32 = 2 * self.max_num_seqs + 1 + num_reqs * self.max_blocks_per_seq
+        self.dev_i32[:n32].copy_(self.host_i32[:n32], non_blocking=True)

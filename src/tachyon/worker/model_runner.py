@@ -1,0 +1,347 @@
+"""ModelRunner: turns a ``SchedulerOutput`` into sampled tokens on one device (one TP rank).
+
+Per step: stage inputs on the host (numpy into pinned buffers), one copy to the device, ask
+the graph runner how to run the batch (eager, piecewise or full graph, and padded to what
+size), compute logits for the requests that sample, sample, one copy back.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tachyon.attention.base import AttentionSpec, CommonAttentionMetadata
+from tachyon.attention.registry import get_backend_class
+from tachyon.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from tachyon.cudagraph.modes import RuntimeMode
+from tachyon.engine.scheduler import SchedulerOutput
+from tachyon.forward_context import ForwardContext, set_forward_context
+from tachyon.layers.sampler import Sampler, SamplingMetadata
+from tachyon.loader.loader import load_model
+from tachyon.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    """What the runner remembers of a request between steps."""
+
+    prompt_len: int
+    params: SamplingParams
+    token_ids: list[int]  # tokens whose K/V is computed or being computed
+    block_ids: list[int]
+    generator: torch.Generator | None
+
+
+@dataclass
+class ModelRunnerOutput:
+    request_ids: list[str]  # requests that sampled this step, in order
+    sampled_token_ids: list[int]
+    # Per sampled request: [(token id, logprob), ...] sampled token first, then top-k.
+    logprobs: list[list[tuple[int, float]]] | None = None
+    step_seconds: float = 0.0
+
+
+@dataclass
+class StepPlan:
+    """A staged batch: how many tokens/requests are real and what the graph runner sees."""
+
+    num_tokens: int
+    num_reqs: int
+    padded_tokens: int
+    padded_reqs: int
+    mode: RuntimeMode
+    uniform_decode: bool
+    sample_rows: list[int] = field(default_factory=list)  # batch rows that sample
+    sample_ids: list[str] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        mc, sc = config.model, config.scheduler
+        self.block_size = config.cache.block_size
+        self.max_num_tokens = sc.max_num_batched_tokens
+        self.max_num_seqs = sc.max_num_seqs
+        self.model = load_model(mc, device)
+        num_layers, heads, kv_heads, head_dim = self.model.attention_shape
+        self.num_layers = num_layers
+        self.attn_spec = AttentionSpec(
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5,
+            block_size=self.block_size, max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens, max_model_len=mc.max_model_len,
+            dtype=mc.dtype, device=device,
+        )
+        self.backend = get_backend_class(config.attention_backend, device)(self.attn_spec)
+        from tachyon.worker.input_buffers import InputBuffers
+
+        self.buffers = InputBuffers(self.max_num_tokens, self.max_num_seqs,
+                                    self.attn_spec.max_blocks_per_seq, device)
+        self.sampler = Sampler()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.states: dict[str, RequestState] = {}
+        self.vocab_size = int(mc.hf_config.vocab_size)
+        self.graph_runner = None  # set by init_graphs (cudagraph package) after the KV cache
+
+    # -- memory --------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        s = self.attn_spec
+        elem = torch.empty((), dtype=s.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * s.num_kv_heads * s.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cc = self.config.cache
+        max_useful = self.max_num_seqs * self.attn_spec.max_blocks_per_seq
+        if cc.num_gpu_blocks_override:
+            return cc.num_gpu_blocks_override
+        if self.device.type != "cuda":
+            budget = cc.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+            return max(1, min(budget // self.kv_bytes_per_block, max_useful))
+        if cc.kv_cache_memory:
+            return max(1, cc.kv_cache_memory // self.kv_bytes_per_block)
+        return self._profile_gpu_blocks()
+
+    def _profile_gpu_blocks(self) -> int:
+        """Run one forward at the token budget and give the KV cache what is left under
+        ``gpu_memory_utilization`` after weights, activations and graph reserve."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.profile_run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        # Memory used by others (other processes, CUDA context) counts against the budget.
+        used_elsewhere = total - free - torch.cuda.memory_reserved()
+        budget = total * self.config.cache.gpu_memory_utilization - used_elsewhere - peak
+        budget -= self.graph_memory_reserve()
+        blocks = int(budget // self.kv_bytes_per_block)
+        if blocks < 1:
+            raise ValueError(
+                f"no GPU memory left for the KV cache (peak {peak / 2**30:.2f} GiB); raise "
+                f"--gpu-memory-utilization or lower --max-num-batched-tokens"
+            )
+        return blocks
+
+    def graph_memory_reserve(self) -> int:
+        """Bytes set aside for CUDA graph pools, measured by the graph runner when it exists."""
+        return 0
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        n = self.max_num_tokens
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        with set_forward_context(ForwardContext(self.backend, None, [])):
+            hidden = self.model(ids, ids)
+        self.model.compute_logits(hidden[: self.max_num_seqs])
+        del hidden
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        s = self.attn_spec
+        shape = (num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
+        # Zeroed, not empty: kernels may read (then mask) slots no token has written, and NaN
+        # garbage times a zero probability is still NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=s.dtype, device=self.device),
+             torch.zeros(shape, dtype=s.dtype, device=self.device))
+            for _ in range(self.num_layers)
+        ]
+        self.num_blocks = num_blocks
+
+    # -- one step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        start = time.perf_counter()
+        for rid in out.finished_request_ids:
+            self.states.pop(rid, None)
+        if out.is_empty:
+            return ModelRunnerOutput([], [])
+        plan = self._stage(out)
+        self.buffers.copy_to_device(plan.padded_reqs)
+        common = self._common_metadata(plan)
+        metadata = self.backend.build_metadata(common)
+        hidden = self._run_model(plan, metadata)
+        result = self._sample(out, plan, hidden)
+        result.step_seconds = time.perf_counter() - start
+        return result
+
+    def _run_model(self, plan: StepPlan, metadata: object) -> torch.Tensor:
+        b = self.buffers
+        n = plan.padded_tokens
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        if self.graph_runner is not None and plan.mode is not RuntimeMode.NONE:
+            return self.graph_runner.run(plan.mode, n, ctx)
+        with set_forward_context(ctx):
+            return self.model(b.input_ids[:n], b.positions[:n])
+
+    def _dispatch(self, num_tokens: int, uniform_decode: bool) -> tuple[RuntimeMode, int]:
+        if self.graph_runner is None:
+            return RuntimeMode.NONE, num_tokens
+        return self.graph_runner.dispatch(num_tokens, uniform_decode)
+
+    def _stage(self, out: SchedulerOutput) -> StepPlan:
+        """Update request states and write the step's inputs into the host buffers."""
+        b, bs = self.buffers, self.block_size
+        num_reqs, num_tokens = len(out.requests), out.total_num_tokens
+        mode, padded_tokens = self._dispatch(num_tokens, out.uniform_decode)
+        # Uniform decode batches pad requests too (one token each); others keep num_reqs.
+        padded_reqs = padded_tokens if (mode is RuntimeMode.FULL and out.uniform_decode) \
+            else num_reqs
+        plan = StepPlan(num_tokens, num_reqs, padded_tokens, padded_reqs, mode, out.uniform_decode)
+        pos = 0
+        b.np_query_start_loc[0] = 0
+        for row, s in enumerate(out.requests):
+            st = self._update_state(s)
+            n = len(s.new_token_ids)
+            start = s.num_computed_tokens
+            b.np_input_ids[pos:pos + n] = s.new_token_ids
+            positions = np.arange(start, start + n)
+            b.np_positions[pos:pos + n] = positions
+            blocks = np.asarray(st.block_ids, dtype=np.int64)
+            b.np_slot_mapping[pos:pos + n] = blocks[positions // bs] * bs + positions % bs
+            b.np_block_table[row, :len(st.block_ids)] = st.block_ids
+            b.np_seq_lens[row] = start + n
+            pos += n
+            b.np_query_start_loc[row + 1] = pos
+            if s.sample:
+                b.np_logits_indices[len(plan.sample_rows)] = pos - 1
+                plan.sample_rows.append(row)
+                plan.sample_ids.append(s.request_id)
+        # Padding: tokens write nowhere, padded requests have no context and one token each.
+        b.np_slot_mapping[num_tokens:padded_tokens] = -1
+        b.np_input_ids[num_tokens:padded_tokens] = 0
+        b.np_positions[num_tokens:padded_tokens] = 0
+        extra = padded_reqs - num_reqs
+        if extra:
+            b.np_query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + np.arange(1, extra + 1)
+            b.np_seq_lens[num_reqs:padded_reqs] = 0
+            b.np_block_table[num_reqs:padded_reqs] = 0
+        return plan
+
+    def _update_state(self, s: object) -> RequestState:
+        st = self.states.get(s.request_id)
+        if st is None:
+            params = s.params
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(params.seed)
+            st = RequestState(len(s.prompt_token_ids), params, [], [], gen)
+            self.states[s.request_id] = st
+        if s.full_block_ids:
+            st.block_ids = list(s.block_ids)
+        else:
+            st.block_ids.extend(s.block_ids)
+        del st.token_ids[s.num_computed_tokens:]
+        st.token_ids.extend(s.new_token_ids)
+        return st
+
+    def _common_metadata(self, plan: StepPlan) -> CommonAttentionMetadata:
+        b = self.buffers
+        r, t = plan.padded_reqs, plan.padded_tokens
+        qsl = b.np_query_start_loc[: r + 1]
+        lens = b.np_seq_lens[:r]
+        return CommonAttentionMetadata(
+            num_reqs=r, num_tokens=t, num_actual_tokens=plan.num_tokens,
+            max_query_len=int(np.max(np.diff(qsl))) if r else 0,
+            max_seq_len=int(lens.max()) if r else 0,
+            uniform_decode=plan.uniform_decode,
+            query_start_loc=b.query_start_loc[: r + 1], seq_lens=b.seq_lens[:r],
+            block_table=b.block_table[:r], slot_mapping=b.slot_mapping[:t],
+            query_start_loc_cpu=b.host_query_start_loc[: r + 1],
+            seq_lens_cpu=b.host_seq_lens[:r],
+        )
+
+    # -- sampling ------------------------------------------------------------------------
+    def _sample(self, out: SchedulerOutput, plan: StepPlan, hidden: torch.Tensor
+                ) -> ModelRunnerOutput:
+        if not plan.sample_rows:
+            return ModelRunnerOutput([], [])
+        k = len(plan.sample_rows)
+        logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
+        states = [self.states[rid] for rid in plan.sample_ids]
+        meta = self._sampling_metadata(states)
+        res = self.sampler(logits, meta)
+        ids = res.sampled_token_ids.tolist()  # the one device->host copy of the step
+        logprobs = None
+        if res.logprobs is not None:
+            lp_ids, lp_vals = res.logprob_token_ids.tolist(), res.logprobs.tolist()
+            logprobs = []
+            for i, st in enumerate(states):
+                want = (st.params.logprobs or 0) + 1
+                logprobs.append(list(zip(lp_ids[i][:want], lp_vals[i][:want], strict=True))
+                                if st.params.logprobs is not None else [])
+        return ModelRunnerOutput(plan.sample_ids, ids, logprobs)
+
+    def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
+        dev = self.device
+        ps = [st.params for st in states]
+        temps = [p.temperature for p in ps]
+        all_greedy = all(t == 0.0 for t in temps)
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        top_k = tensor([p.top_k for p in ps], torch.int32) if any(p.top_k for p in ps) else None
+        top_p = tensor([p.top_p for p in ps], torch.float32) if any(
+            p.top_p < 1.0 for p in ps) else None
+        min_p = tensor([p.min_p for p in ps], torch.float32) if any(
+            p.min_p > 0.0 for p in ps) else None
+        gens = {i: st.generator for i, st in enumerate(states) if st.generator is not None}
+        pen = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                  for p in ps)
+        prompt_ids = output_ids = pres = freq = rep = None
+        if pen:
+            pres = tensor([p.presence_penalty for p in ps], torch.float32)
+            freq = tensor([p.frequency_penalty for p in ps], torch.float32)
+            rep = tensor([p.repetition_penalty for p in ps], torch.float32)
+            prompt_ids = self._padded([st.token_ids[: st.prompt_len] for st in states])
+            output_ids = self._padded([st.token_ids[st.prompt_len:] for st in states])
+        wants = [p.logprobs for p in ps if p.logprobs is not None]
+        return SamplingMetadata(
+            temperature=tensor(temps, torch.float32), all_greedy=all_greedy, top_k=top_k,
+            top_p=top_p, min_p=min_p, generators=gens, presence_penalty=pres,
+            frequency_penalty=freq, repetition_penalty=rep, prompt_token_ids=prompt_ids,
+            output_token_ids=output_ids, max_num_logprobs=max(wants) if wants else None,
+        )
+
+    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(r) for r in rows))
+        arr = np.full((len(rows), width), self.vocab_size, dtype=np.int64)
+        for i, r in enumerate(rows):
+            arr[i, : len(r)] = r
+        return torch.from_numpy(arr).to(self.device, non_blocking=True)
+
+    # -- graphs --------------------------------------------------------------------------
+    def init_graphs(self) -> str:
+        """Resolve the CUDA graph mode against the backend, capture, and return the start-up
+        report line."""
+        from tachyon.cudagraph.modes import CUDAGraphMode, resolve_cudagraph_mode
+
+        on_cuda = self.device.type == "cuda"
+        requested = self.config.compilation.cudagraph_mode or (
+            CUDAGraphMode.FULL_AND_PIECEWISE if on_cuda else CUDAGraphMode.NONE)
+        res = resolve_cudagraph_mode(requested, self.backend.name,
+                                     self.backend.cudagraph_support, on_cuda)
+        if res.warning:
+            logger.warning(res.warning)
+        self.cudagraph_mode = res.mode
+        num_graphs, seconds, pool_mib = 0, 0.0, 0.0
+        if res.mode is not CUDAGraphMode.NONE:
+            from tachyon.cudagraph.runner import CUDAGraphRunner
+
+            self.graph_runner = CUDAGraphRunner(self, res.mode)
+            num_graphs, seconds, pool_mib = self.graph_runner.capture_all()
+        return (f"cudagraph_mode={res.mode.value} backend={self.backend.name} "
+                f"graphs={num_graphs} capture_s={seconds:.2f} pool_mib={pool_mib:.0f} "
+                f"kv_blocks={self.num_blocks} block_size={self.block_size}")

@@ -1,0 +1,247 @@
+"""Triton attention kernels vs a float64 torch reference, on CPU through the Triton interpreter.
+
+Shapes are kept small: the interpreter runs every program in numpy.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tachyon.attention.kernels.triton_attention import (
+    choose_num_splits,
+    decode_attention,
+    decode_workspace,
+    store_kv_cache,
+    unified_attention,
+)
+
+HEAD_DIM = 64
+NUM_HEADS = 4
+NUM_KV_HEADS = 2
+
+
+def _make_batch(
+    q_lens: list[int],
+    seq_lens: list[int],
+    *,
+    block_size: int,
+    num_heads: int = NUM_HEADS,
+    num_kv_heads: int = NUM_KV_HEADS,
+    pad_tokens: int = 0,
+    seed: int = 0,
+) -> dict:
+    """A paged batch: the context before this step is already in the cache, the new tokens'
+    K/V are returned separately (to go through ``store_kv_cache``), the rest of the cache is
+    random garbage, and blocks are handed out in a random order."""
+    gen = torch.Generator().manual_seed(seed)
+    num_reqs = len(q_lens)
+    max_blocks = max(math.ceil(s / block_size) for s in seq_lens) + 1
+    blocks_needed = [math.ceil(s / block_size) for s in seq_lens]
+    num_blocks = sum(blocks_needed) + 3  # a few blocks nobody owns
+    perm = torch.randperm(num_blocks, generator=gen)
+    # Unused table entries hold stale (valid) block ids, as a real block table would.
+    block_table = torch.randint(0, num_blocks, (num_reqs, max_blocks), generator=gen)
+    start = 0
+    for r, n in enumerate(blocks_needed):
+        block_table[r, :n] = perm[start : start + n]
+        start += n
+    block_table = block_table.to(torch.int32)
+
+    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen)
+    v_cache = torch.randn(shape, generator=gen)
+    num_tokens = sum(q_lens) + pad_tokens
+    query = torch.randn(num_tokens, num_heads, HEAD_DIM, generator=gen)
+    # Non-contiguous token stride, like K/V sliced out of a fused QKV projection.
+    kv_new = torch.randn(num_tokens, 2, num_kv_heads, HEAD_DIM, generator=gen)
+    key, value = kv_new[:, 0], kv_new[:, 1]
+    slot_mapping = torch.full((num_tokens,), -1, dtype=torch.int64)
+
+    token = 0
+    for r, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens, strict=True)):
+        for pos in range(seq_len):
+            blk, off = int(block_table[r, pos // block_size]), pos % block_size
+            if pos < seq_len - q_len:  # earlier context: already cached
+                k_cache[blk, off] = torch.randn(num_kv_heads, HEAD_DIM, generator=gen)
+                v_cache[blk, off] = torch.randn(num_kv_heads, HEAD_DIM, generator=gen)
+            else:
+                slot_mapping[token] = blk * block_size + off
+                token += 1
+        token += max(q_len - seq_len, 0)  # padding request with queries but no context
+    query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return dict(
+        query=query,
+        key=key,
+        value=value,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=block_table,
+    )
+
+
+def _reference(b: dict, scale: float) -> torch.Tensor:
+    """float64 causal attention, gathering each request's K/V through its block table.
+    Rows of tokens with no visible key (padding) are left NaN and never compared."""
+    query, k_cache, v_cache = b["query"], b["k_cache"], b["v_cache"]
+    block_size = k_cache.shape[1]
+    groups = query.shape[1] // k_cache.shape[2]
+    out = torch.full(query.shape, float("nan"), dtype=torch.float64)
+    qsl = b["query_start_loc"].tolist()
+    for r, seq_len in enumerate(b["seq_lens"].tolist()):
+        q_len = qsl[r + 1] - qsl[r]
+        if q_len == 0 or seq_len == 0:
+            continue
+        pos = torch.arange(seq_len)
+        blocks = b["block_table"][r, pos // block_size].long()
+        k = k_cache[blocks, pos % block_size].double().repeat_interleave(groups, dim=1)
+        v = v_cache[blocks, pos % block_size].double().repeat_interleave(groups, dim=1)
+        q = query[qsl[r] : qsl[r + 1]].double()  # [q_len, H, D]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = seq_len - q_len + torch.arange(q_len)
+        scores.masked_fill_(pos[None, :] > q_pos[:, None], float("-inf"))
+        out[qsl[r] : qsl[r + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _real_rows(b: dict) -> torch.Tensor:
+    """Mask of tokens that belong to a request with a non-empty context."""
+    mask = torch.zeros(b["query"].shape[0], dtype=torch.bool)
+    qsl = b["query_start_loc"].tolist()
+    for r, seq_len in enumerate(b["seq_lens"].tolist()):
+        if seq_len > 0:
+            mask[qsl[r] : qsl[r + 1]] = True
+    return mask
+
+
+def test_store_kv_cache_writes_mapped_slots_only() -> None:
+    b = _make_batch([3, 9, 0], [3, 21, 0], block_size=16, pad_tokens=4, seed=1)
+    k_before, v_before = b["k_cache"].clone(), b["v_cache"].clone()
+    store_kv_cache(b["key"], b["value"], b["k_cache"], b["v_cache"], b["slot_mapping"])
+
+    slots = b["slot_mapping"]
+    real = slots >= 0
+    assert (~real).sum() == 4  # the padded tokens
+    flat_k = b["k_cache"].flatten(0, 1)
+    flat_v = b["v_cache"].flatten(0, 1)
+    assert torch.equal(flat_k[slots[real]], b["key"][real])
+    assert torch.equal(flat_v[slots[real]], b["value"][real])
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots[real]] = False
+    assert torch.equal(flat_k[untouched], k_before.flatten(0, 1)[untouched])
+    assert torch.equal(flat_v[untouched], v_before.flatten(0, 1)[untouched])
+
+
+@pytest.mark.parametrize(
+    ("block_size", "num_heads", "block_m", "block_n"),
+    [
+        (16, 4, None, None),  # default tiles, GQA 2 query heads per KV head
+        (16, 4, 16, 16),  # decode-sized tiles: a request spans many query tiles
+        (8, 4, None, None),  # KV tile spans several pages
+        (32, 6, None, 16),  # KV tile is part of a page; 3 query heads per KV head
+    ],
+)
+def test_unified_attention_matches_reference(
+    block_size: int, num_heads: int, block_m: int | None, block_n: int | None
+) -> None:
+    # Pure prefill, decode with context, chunked prefill over a prefix, a prefix-cache hit
+    # (all cached but the last token), then a padded request and padded tokens.
+    q_lens = [5, 1, 37, 16, 1, 0]
+    seq_lens = [5, 40, 57, 49, 70, 0]
+    b = _make_batch(
+        q_lens, seq_lens, block_size=block_size, num_heads=num_heads, pad_tokens=3, seed=2
+    )
+    scale = HEAD_DIM**-0.5
+    store_kv_cache(b["key"], b["value"], b["k_cache"], b["v_cache"], b["slot_mapping"])
+    out = torch.full_like(b["query"], float("nan"))  # poison: every real row must be written
+    unified_attention(
+        b["query"],
+        b["k_cache"],
+        b["v_cache"],
+        out,
+        b["query_start_loc"],
+        b["seq_lens"],
+        b["block_table"],
+        scale,
+        len(q_lens),
+        block_m=block_m,
+        block_n=block_n,
+    )
+    ref = _reference(b, scale)
+    real = _real_rows(b)
+    assert real.sum() == sum(q_lens)
+    assert torch.isfinite(out[real]).all()
+    assert _rel_err(out[real], ref[real]) < 1e-3
+
+
+def test_unified_attention_padded_request_with_query_is_finite() -> None:
+    # CUDA-graph padding may give a request a query token but no context (seq_len 0).
+    b = _make_batch([4, 1, 1], [9, 0, 0], block_size=16, seed=3)
+    store_kv_cache(b["key"], b["value"], b["k_cache"], b["v_cache"], b["slot_mapping"])
+    out = torch.full_like(b["query"], float("nan"))
+    scale = HEAD_DIM**-0.5
+    unified_attention(
+        b["query"],
+        b["k_cache"],
+        b["v_cache"],
+        out,
+        b["query_start_loc"],
+        b["seq_lens"],
+        b["block_table"],
+        scale,
+        3,
+    )
+    assert torch.isfinite(out).all()
+    assert _rel_err(out[:4], _reference(b, scale)[:4]) < 1e-3
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_decode_attention_matches_reference(num_splits: int) -> None:
+    seq_lens = [1, 45, 100, 17, 64, 0]  # last one is a padded request
+    b = _make_batch([1] * len(seq_lens), seq_lens, block_size=16, seed=4 + num_splits)
+    store_kv_cache(b["key"], b["value"], b["k_cache"], b["v_cache"], b["slot_mapping"])
+    # Persistent buffers larger than this batch needs, as the engine allocates them.
+    workspace = decode_workspace(8, NUM_HEADS, HEAD_DIM, 4, torch.device("cpu"))
+    for buf in workspace:
+        buf.fill_(float("nan"))
+    out = torch.full_like(b["query"], float("nan"))
+    scale = HEAD_DIM**-0.5
+    decode_attention(
+        b["query"],
+        b["k_cache"],
+        b["v_cache"],
+        out,
+        b["seq_lens"],
+        b["block_table"],
+        scale,
+        num_splits,
+        workspace,
+        block_n=16,
+    )
+    ref = _reference(b, scale)
+    real = _real_rows(b)
+    assert torch.isfinite(out).all()  # the padded request included
+    assert _rel_err(out[real], ref[real]) < 1e-3
+
+
+def test_choose_num_splits_and_workspace_sizing() -> None:
+    cpu = torch.device("cpu")
+    splits = [choose_num_splits(n, 8, cpu) for n in range(1, 65)]
+    assert all(s >= 1 and s & (s - 1) == 0 for s in splits)  # powers of two
+    assert splits == sorted(splits, reverse=True)  # more requests, fewer splits
+    acc, stat_max, stat_sum = decode_workspace(64, 16, 128, splits[0], cpu, num_kv_heads=8)
+    need = max(n * s for n, s in enumerate(splits, start=1) if s > 1)
+    assert acc.shape == (need, 16, 128) and stat_max.shape == stat_sum.shape == (need, 16)
