@@ -145,6 +145,19 @@ def test_decode_attention_bf16(num_splits: int | None) -> None:
     assert _rel_err(out, b.reference()) <= 1e-2
 
 
+def test_unified_attention_bf16_decode_batch() -> None:
+    # One token per request: the varlen kernel's short-tile ("decode-like") configuration.
+    num_reqs = 48
+    b = PagedBatch(num_reqs, num_reqs, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    b.fill([1] * num_reqs, torch.randint(1, MAX_CONTEXT + 1, (num_reqs,), generator=gen).tolist())
+    b.out = torch.full_like(b.query, float("nan"))
+    _run_unified(b, num_reqs)
+    torch.cuda.synchronize()
+    assert torch.isfinite(b.out).all()
+    assert _rel_err(b.out, b.reference()) <= 1e-2
+
+
 def test_unified_attention_cuda_graph_replays_new_contents() -> None:
     # Capture once with one batch, replay with different query and context lengths: the
     # grid and constexprs depend on shapes only, so the replay must match the reference.

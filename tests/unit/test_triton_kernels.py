@@ -187,6 +187,49 @@ def test_unified_attention_matches_reference(
     assert _rel_err(out[real], ref[real]) < 1e-3
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_unified_attention_random_batches(seed: int) -> None:
+    # Many requests (exercises the tile -> request binary search), MHA to 4:1 GQA, all page
+    # sizes, random tile sizes.
+    gen = torch.Generator().manual_seed(100 + seed)
+
+    def pick(options: list) -> object:
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    num_reqs = int(torch.randint(1, 13, (1,), generator=gen))
+    q_lens = torch.randint(1, 21, (num_reqs,), generator=gen)
+    seq_lens = q_lens + torch.randint(0, 50, (num_reqs,), generator=gen)
+    num_heads, num_kv_heads = pick([(2, 2), (4, 2), (8, 2)])
+    b = _make_batch(
+        q_lens.tolist(),
+        seq_lens.tolist(),
+        block_size=pick([8, 16, 32]),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        pad_tokens=int(torch.randint(0, 5, (1,), generator=gen)),
+        seed=seed,
+    )
+    scale = 0.3
+    store_kv_cache(b["key"], b["value"], b["k_cache"], b["v_cache"], b["slot_mapping"])
+    out = torch.full_like(b["query"], float("nan"))
+    unified_attention(
+        b["query"],
+        b["k_cache"],
+        b["v_cache"],
+        out,
+        b["query_start_loc"],
+        b["seq_lens"],
+        b["block_table"],
+        scale,
+        num_reqs,
+        block_m=pick([None, 16, 32]),
+        block_n=pick([None, 16, 32]),
+    )
+    real = slice(0, int(q_lens.sum()))
+    assert torch.isfinite(out[real]).all()
+    assert _rel_err(out[real], _reference(b, scale)[real]) < 1e-3
+
+
 def test_unified_attention_padded_request_with_query_is_finite() -> None:
     # CUDA-graph padding may give a request a query token but no context (seq_len 0).
     b = _make_batch([4, 1, 1], [9, 0, 0], block_size=16, seed=3)
@@ -235,6 +278,27 @@ def test_decode_attention_matches_reference(num_splits: int) -> None:
     real = _real_rows(b)
     assert torch.isfinite(out).all()  # the padded request included
     assert _rel_err(out[real], ref[real]) < 1e-3
+
+
+def test_decode_attention_odd_groups_small_pages_three_splits() -> None:
+    # 3 query heads per KV head, 8-position pages, a split count that is not a power of two.
+    seq_lens = [33, 7, 80, 2]
+    b = _make_batch([1] * 4, seq_lens, block_size=8, num_heads=6, num_kv_heads=2, seed=9)
+    store_kv_cache(b["key"], b["value"], b["k_cache"], b["v_cache"], b["slot_mapping"])
+    workspace = decode_workspace(4, 6, HEAD_DIM, 3, torch.device("cpu"))
+    out = torch.full_like(b["query"], float("nan"))
+    decode_attention(
+        b["query"],
+        b["k_cache"],
+        b["v_cache"],
+        out,
+        b["seq_lens"],
+        b["block_table"],
+        0.2,
+        3,
+        workspace,
+    )
+    assert _rel_err(out, _reference(b, 0.2)) < 1e-3
 
 
 def test_choose_num_splits_and_workspace_sizing() -> None:

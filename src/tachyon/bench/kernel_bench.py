@@ -109,6 +109,29 @@ def _time_decode(
     return _median_ms(run, budget_ms)
 
 
+def _time_unified_decode(inputs: dict) -> float:
+    """The varlen kernel on the same one-token-per-request batch, for comparison."""
+    query = inputs["query"]
+    num_reqs, _, head_dim = query.shape
+    out = torch.empty_like(query)
+    qsl = torch.arange(num_reqs + 1, dtype=torch.int32, device=query.device)
+
+    def run() -> None:
+        unified_attention(
+            query,
+            inputs["k_cache"],
+            inputs["v_cache"],
+            out,
+            qsl,
+            inputs["seq_lens"],
+            inputs["block_table"],
+            head_dim**-0.5,
+            num_reqs,
+        )
+
+    return _median_ms(run)
+
+
 def decode_bandwidth_report(
     num_reqs: int = 256,
     context: int = 1024,
@@ -123,7 +146,8 @@ def decode_bandwidth_report(
     """Time ``decode_attention`` (median) and compare its bandwidth with a device copy.
 
     Defaults are Qwen3-0.6B's attention (16 query heads, 8 KV heads, head_dim 128).
-    ``copy_gbps`` reuses an earlier ``copy_bandwidth_gbps`` measurement.
+    ``copy_gbps`` reuses an earlier ``copy_bandwidth_gbps`` measurement. The report also
+    times the varlen ``unified_attention`` kernel on the same batch (``unified_*`` keys).
     """
     device = torch.device("cuda")
     inputs = _decode_inputs(
@@ -133,6 +157,7 @@ def decode_bandwidth_report(
     ms = _time_decode(inputs, num_splits)
     nbytes = _decode_bytes(num_reqs, context, num_heads, num_kv_heads, head_dim, dtype)
     gbps = nbytes / (ms * 1e-3) / 1e9
+    unified_ms = _time_unified_decode(inputs)
     if copy_gbps is None:
         copy_gbps = copy_bandwidth_gbps(device)
     return dict(
@@ -150,6 +175,8 @@ def decode_bandwidth_report(
         decode_gbps=round(gbps, 1),
         copy_gbps=round(copy_gbps, 1),
         fraction_of_copy=round(gbps / copy_gbps, 3),
+        unified_time_us=round(unified_ms * 1e3, 2),
+        unified_gbps=round(nbytes / (unified_ms * 1e-3) / 1e9, 1),
     )
 
 

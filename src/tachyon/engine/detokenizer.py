@@ -33,7 +33,8 @@ class IncrementalDetokenizer:
         self.emitted = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special,
+                                     clean_up_tokenization_spaces=False)
 
     def add_token(self, token_id: int) -> bool:
         """Append one token. Returns True if a stop string was hit (text is cut there)."""

@@ -23,6 +23,13 @@ class LLM:
         self.engine = LLMEngine.from_engine_args(args)
         self._counter = 0
 
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine.from_engine_args(args)
+        llm._counter = 0
+        return llm
+
     def get_tokenizer(self) -> Any:
         return self.engine.get_tokenizer()
 
