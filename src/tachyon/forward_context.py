@@ -22,6 +22,9 @@ class ForwardContext:
     backend: AttentionBackend
     attn_metadata: Any  # None during the memory-profiling run: attention writes zeros
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    # Set only while a breakable (PIECEWISE) graph is being captured: attention calls it to
+    # end the current graph segment (see tachyon.cudagraph.breakable).
+    breaker: Any = None
 
 
 _CONTEXT: ForwardContext | None = None

@@ -23,6 +23,9 @@ def attention_op(
     if ctx.attn_metadata is None:  # profiling run: no KV cache exists yet
         output.zero_()
         return
+    if ctx.breaker is not None:
+        ctx.breaker.split(query, key, value, output, layer_idx)
+        return
     k_cache, v_cache = ctx.kv_caches[layer_idx]
     ctx.backend.forward(query, key, value, k_cache, v_cache, ctx.attn_metadata, output)
 

@@ -180,7 +180,7 @@ class ModelRunner:
         n = plan.padded_tokens
         ctx = ForwardContext(self.backend, metadata, self.kv_caches)
         if self.graph_runner is not None and plan.mode is not RuntimeMode.NONE:
-            return self.graph_runner.run(plan.mode, n, ctx)
+            return self.graph_runner.run(plan, ctx)
         with set_forward_context(ctx):
             return self.model(b.input_ids[:n], b.positions[:n])
 
@@ -194,8 +194,8 @@ class ModelRunner:
         b, bs = self.buffers, self.block_size
         num_reqs, num_tokens = len(out.requests), out.total_num_tokens
         mode, padded_tokens = self._dispatch(num_tokens, out.uniform_decode)
-        # Uniform decode batches pad requests too (one token each); others keep num_reqs.
-        padded_reqs = padded_tokens if (mode is RuntimeMode.FULL and out.uniform_decode) \
+        # A full graph is shaped by its request count too: pad requests to a fixed count.
+        padded_reqs = min(padded_tokens, self.max_num_seqs) if mode is RuntimeMode.FULL \
             else num_reqs
         plan = StepPlan(num_tokens, num_reqs, padded_tokens, padded_reqs, mode, out.uniform_decode)
         pos = 0
@@ -217,15 +217,40 @@ class ModelRunner:
                 b.np_logits_indices[len(plan.sample_rows)] = pos - 1
                 plan.sample_rows.append(row)
                 plan.sample_ids.append(s.request_id)
-        # Padding: tokens write nowhere, padded requests have no context and one token each.
+        self._pad(num_tokens, num_reqs, padded_tokens, padded_reqs)
+        return plan
+
+    def _pad(self, num_tokens: int, num_reqs: int, padded_tokens: int, padded_reqs: int) -> None:
+        """Padding contract: padded tokens write nowhere (slot -1); padded requests have no
+        context (seq_len 0) and take one padded token each while any remain."""
+        b = self.buffers
         b.np_slot_mapping[num_tokens:padded_tokens] = -1
         b.np_input_ids[num_tokens:padded_tokens] = 0
         b.np_positions[num_tokens:padded_tokens] = 0
         extra = padded_reqs - num_reqs
-        if extra:
-            b.np_query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + np.arange(1, extra + 1)
+        if extra > 0:
+            takes = np.minimum(np.arange(1, extra + 1), padded_tokens - num_tokens)
+            b.np_query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + takes
             b.np_seq_lens[num_reqs:padded_reqs] = 0
             b.np_block_table[num_reqs:padded_reqs] = 0
+
+    def stage_dummy(self, num_tokens: int, num_reqs: int, uniform_decode: bool,
+                    mode: RuntimeMode) -> StepPlan:
+        """Stage a synthetic batch (for warm-up and capture): request 0 takes the surplus
+        tokens, the others one each; no context, nothing written to the cache."""
+        b = self.buffers
+        lens = np.ones(num_reqs, dtype=np.int64)
+        lens[0] += num_tokens - num_reqs
+        b.np_query_start_loc[0] = 0
+        b.np_query_start_loc[1:num_reqs + 1] = np.cumsum(lens)
+        b.np_seq_lens[:num_reqs] = lens
+        b.np_block_table[:num_reqs] = 0
+        b.np_input_ids[:num_tokens] = 0
+        b.np_positions[:num_tokens] = 0
+        b.np_slot_mapping[:num_tokens] = -1
+        b.np_logits_indices[:num_reqs] = np.cumsum(lens) - 1
+        plan = StepPlan(num_tokens, num_reqs, num_tokens, num_reqs, mode, uniform_decode)
+        self.buffers.copy_to_device(num_reqs)
         return plan
 
     def _update_state(self, s: object) -> RequestState:

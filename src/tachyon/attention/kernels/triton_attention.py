@@ -256,7 +256,9 @@ def _attend_kv_tile(
     return m_new, l_i, acc
 
 
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int):
+def _check_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int
+) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     assert k_cache.shape[2:] == (num_kv_heads, head_dim), (k_cache.shape, num_kv_heads, head_dim)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "head_dim must be contiguous"

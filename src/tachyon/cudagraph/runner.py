@@ -1,0 +1,161 @@
+"""Capture every graph the resolved mode needs, then replay the right one each step.
+
+FULL graphs hold the whole decoder stack, attention included: replay reads the persistent
+input buffers and whatever the backend's ``build_metadata`` just wrote into its own
+persistent buffers. PIECEWISE graphs hold everything but attention, which runs eagerly
+between graph segments on the live metadata; the segments come either from the breakable
+capture (no compiler) or from torch.compile's split graph (``compiled.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tachyon.cudagraph.breakable import BreakableCapture, BreakableGraph, _AttentionCall
+from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
+from tachyon.cudagraph.graph_impl import CapturedGraph, CudaGraphs, EmulatedGraphs, frozen_gc
+from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode
+from tachyon.forward_context import ForwardContext, set_forward_context
+
+if TYPE_CHECKING:
+    from tachyon.worker.model_runner import ModelRunner, StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+class CUDAGraphRunner:
+    def __init__(self, runner: ModelRunner, mode: CUDAGraphMode, emulate: bool = False) -> None:
+        self.runner = runner
+        self.mode = mode
+        cfg = runner.config.compilation
+        self.sizes = cfg.capture_sizes(runner.max_num_seqs)
+        self.dispatcher = CudagraphDispatcher(mode, self.sizes)
+        self.emulate = emulate
+        self.impl = EmulatedGraphs() if emulate else CudaGraphs()
+        self.full: dict[BatchDescriptor, CapturedGraph] = {}
+        self.piecewise: dict[int, BreakableGraph] = {}
+        self.compiled = None
+        if mode.has_piecewise() and cfg.piecewise_backend == "compile":
+            from tachyon.cudagraph.compiled import CompiledPiecewiseModel
+
+            self.compiled = CompiledPiecewiseModel(runner.model, self.impl, cfg.cache_dir,
+                                                   cfg.compile_sizes)
+        self._live: ForwardContext | None = None
+
+    # -- dispatch and run ----------------------------------------------------------------
+    def dispatch(self, num_tokens: int, uniform_decode: bool) -> tuple[RuntimeMode, int]:
+        mode, size = self.dispatcher.dispatch(num_tokens, uniform_decode)
+        if mode is RuntimeMode.PIECEWISE and self.emulate and self.compiled is None:
+            return RuntimeMode.NONE, num_tokens  # breakable segments need a real GPU
+        return mode, size
+
+    def run(self, plan: StepPlan, ctx: ForwardContext) -> torch.Tensor:
+        n = plan.padded_tokens
+        if plan.mode is RuntimeMode.FULL:
+            return self.full[BatchDescriptor(n, plan.uniform_decode)].replay()
+        if self.compiled is not None:
+            with set_forward_context(ctx):
+                return self.compiled.run(n, RuntimeMode.PIECEWISE)
+        self._live = ctx
+        try:
+            return self.piecewise[n].replay(self._attend_live)
+        finally:
+            self._live = None
+
+    def _attend_live(self, call: _AttentionCall) -> None:
+        ctx = self._live
+        k_cache, v_cache = ctx.kv_caches[call.layer_idx]
+        ctx.backend.forward(call.query, call.key, call.value, k_cache, v_cache,
+                            ctx.attn_metadata, call.output)
+
+    # -- capture -------------------------------------------------------------------------
+    def capture_all(self) -> tuple[int, float, float]:
+        """Capture largest first into one pool. Returns (graphs, seconds, pool MiB)."""
+        on_cuda = not self.emulate
+        if on_cuda:
+            torch.cuda.synchronize()
+            free_before = torch.cuda.mem_get_info()[0]
+        start = time.perf_counter()
+        keys = self.dispatcher.graph_keys()
+        if self.compiled is not None:
+            self._warm_compiled()
+        with frozen_gc():
+            for mode, desc in _progress(keys):
+                if mode is RuntimeMode.FULL:
+                    self.full[desc] = self._capture_full(desc)
+                elif self.compiled is not None:
+                    self._capture_compiled(desc.num_tokens)
+                elif not self.emulate:
+                    self.piecewise[desc.num_tokens] = self._capture_breakable(desc.num_tokens)
+        seconds = time.perf_counter() - start
+        pool_mib = 0.0
+        if on_cuda:
+            torch.cuda.synchronize()
+            pool_mib = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
+        n = len(self.full) + len(self.piecewise) + (
+            self.compiled.num_graphs() if self.compiled is not None else 0)
+        return n, seconds, pool_mib
+
+    def _context(self, desc: BatchDescriptor, mode: RuntimeMode) -> ForwardContext:
+        r = self.runner
+        num_reqs = min(desc.num_tokens, r.max_num_seqs) if mode is RuntimeMode.FULL else 1
+        plan = r.stage_dummy(desc.num_tokens, num_reqs, desc.uniform_decode, mode)
+        meta = r.backend.build_metadata(r._common_metadata(plan))
+        return ForwardContext(r.backend, meta, r.kv_caches)
+
+    def _forward(self, n: int, ctx: ForwardContext) -> torch.Tensor:
+        b = self.runner.buffers
+        with set_forward_context(ctx):
+            if self.compiled is not None:
+                return self.compiled.run(n, RuntimeMode.FULL)
+            return self.runner.model(b.input_ids[:n], b.positions[:n])
+
+    def _capture_full(self, desc: BatchDescriptor) -> CapturedGraph:
+        ctx = self._context(desc, RuntimeMode.FULL)
+        n = desc.num_tokens
+        self._forward(n, ctx)  # warm-up: lazy init, autotuning and compilation happen here
+        return self.impl.capture(lambda: self._forward(n, ctx))
+
+    def _capture_breakable(self, n: int) -> BreakableGraph:
+        ctx = self._context(BatchDescriptor(n, False), RuntimeMode.PIECEWISE)
+        self._forward(n, ctx)  # warm-up
+        b = self.runner.buffers
+        impl: Any = self.impl
+        self._live = ctx
+        capture = BreakableCapture(impl.pool, self._attend_live)
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.stream(impl.stream):
+                capture.begin()
+                breaking = ForwardContext(ctx.backend, ctx.attn_metadata, ctx.kv_caches,
+                                          breaker=capture)
+                with set_forward_context(breaking):
+                    out = self.runner.model(b.input_ids[:n], b.positions[:n])
+                graph = capture.finish(out)
+            torch.cuda.current_stream().wait_stream(impl.stream)
+        finally:
+            self._live = None
+        return graph
+
+    def _warm_compiled(self) -> None:
+        """Trace and compile once (dynamic batch size) before any capture."""
+        ctx = self._context(BatchDescriptor(self.sizes[-1], False), RuntimeMode.PIECEWISE)
+        with set_forward_context(ctx):
+            self.compiled.run(self.sizes[-1], RuntimeMode.NONE)
+
+    def _capture_compiled(self, n: int) -> None:
+        ctx = self._context(BatchDescriptor(n, False), RuntimeMode.PIECEWISE)
+        with set_forward_context(ctx):
+            self.compiled.capture(n)
+
+
+def _progress(keys: list[Any]) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return keys
+    return tqdm(keys, desc="Capturing CUDA graphs", leave=False, dynamic_ncols=True)
