@@ -68,9 +68,10 @@ class Piece(nn.Module):
 
 
 class CompiledPiecewiseModel:
-    def __init__(self, model: nn.Module, impl: Any, cache_dir: str | None,
+    def __init__(self, model: nn.Module, buffers: Any, impl: Any, cache_dir: str | None,
                  compile_sizes: tuple[int, ...]) -> None:
         self.model = model
+        self.buffers = buffers  # the model runner's persistent inputs: same tensors always
         self.impl = impl
         self.compile_sizes = set(compile_sizes)
         self.pieces: list[Piece] = []
@@ -85,9 +86,7 @@ class CompiledPiecewiseModel:
 
     def run(self, n: int, mode: RuntimeMode) -> torch.Tensor:
         """Run the model on the first ``n`` staged tokens (buffers of the model runner)."""
-        from tachyon.forward_context import get_forward_context
-
-        b = _buffers_of(get_forward_context())
+        b = self.buffers
         ids, pos = b.input_ids[:n], b.positions[:n]
         # One trace for every size >= 2 (size 1 is specialised by dynamo and traced once more).
         torch._dynamo.mark_dynamic(ids, 0)
@@ -117,7 +116,7 @@ class CompiledPiecewiseModel:
                 part[node] = current
         split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
         attention_parts = {f"submod_{part[n]}" for n in gm.graph.nodes if _is_attention(n)}
-        _PieceCompiler(split, attention_parts, self).run(*example_inputs)
+        _PieceCompiler(split, attention_parts, self).run_fake(example_inputs)
         logger.info("torch.compile split the model into %d compiled pieces", len(self.pieces))
         return split
 
@@ -131,10 +130,14 @@ class _PieceCompiler(torch.fx.Interpreter):
         super().__init__(split)
         self.split, self.attention_parts, self.owner = split, attention_parts, owner
 
-    def run(self, *args: Any) -> Any:
+    def run_fake(self, example_inputs: list[Any]) -> Any:
+        """Run on fake tensors. ``from_tensor`` returns dynamo's memoised fake for each real
+        example input, so the dynamic token dimension stays symbolic."""
         from torch._guards import detect_fake_mode
 
-        fake_mode = detect_fake_mode(args)
+        fake_mode = detect_fake_mode(example_inputs)
+        args = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                for a in example_inputs]
         with fake_mode:
             return super().run(*args)
 
@@ -149,15 +152,6 @@ class _PieceCompiler(torch.fx.Interpreter):
             self.owner.pieces.append(piece)
             setattr(self.split, target, piece)
         return out
-
-
-def _buffers_of(ctx: Any) -> Any:
-    return ctx.backend.buffers if hasattr(ctx.backend, "buffers") else _RUNNER_BUFFERS[0]
-
-
-# The model runner registers its input buffers here so the compiled model reads the same
-# persistent tensors at trace, capture and replay.
-_RUNNER_BUFFERS: list[Any] = []
 
 
 def _use_cache_dir(path: Path) -> None:

@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 class CapturedGraph(Protocol):
-    output: torch.Tensor
+    output: Any  # a tensor, or a tuple/list of them (compiled pieces)
 
-    def replay(self) -> torch.Tensor: ...
+    def replay(self) -> Any: ...
 
 
 class GraphImpl(Protocol):
@@ -57,18 +58,21 @@ class CudaGraphs:
 
 
 class _EmulatedCaptured:
-    def __init__(self, fn: Callable[[], torch.Tensor], output: torch.Tensor) -> None:
+    def __init__(self, fn: Callable[[], Any], output: Any) -> None:
         self.fn, self.output = fn, output
 
-    def replay(self) -> torch.Tensor:
-        # Same closure, same capture-time objects; results land in the static output.
-        self.output.copy_(self.fn())
+    def replay(self) -> Any:
+        # Same closure, same capture-time objects; results land in the static outputs.
+        for static, fresh in zip(tree_leaves(self.output), tree_leaves(self.fn()), strict=True):
+            if isinstance(static, torch.Tensor):
+                static.copy_(fresh)
         return self.output
 
 
 class EmulatedGraphs:
-    def capture(self, fn: Callable[[], torch.Tensor]) -> _EmulatedCaptured:
-        return _EmulatedCaptured(fn, fn().clone())
+    def capture(self, fn: Callable[[], Any]) -> _EmulatedCaptured:
+        out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, fn())
+        return _EmulatedCaptured(fn, out)
 
     def memory_bytes(self) -> int:
         return 0

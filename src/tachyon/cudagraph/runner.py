@@ -42,7 +42,7 @@ class CUDAGraphRunner:
         if mode.has_piecewise() and cfg.piecewise_backend == "compile":
             from tachyon.cudagraph.compiled import CompiledPiecewiseModel
 
-            self.compiled = CompiledPiecewiseModel(runner.model, self.impl, cfg.cache_dir,
+            self.compiled = CompiledPiecewiseModel(runner.model, runner.buffers, self.impl, cfg.cache_dir,
                                                    cfg.compile_sizes)
         self._live: ForwardContext | None = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from tachyon.loader.loader import load_model
 from tachyon.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+ENV_EMULATE_GRAPHS = "TACHYON_EMULATE_CUDAGRAPHS"
 
 
 @dataclass
@@ -353,7 +356,9 @@ class ModelRunner:
         report line."""
         from tachyon.cudagraph.modes import CUDAGraphMode, resolve_cudagraph_mode
 
-        on_cuda = self.device.type == "cuda"
+        # Graph replay can be emulated on a CPU (tests): see tachyon.cudagraph.graph_impl.
+        emulate = self.device.type != "cuda" and os.environ.get(ENV_EMULATE_GRAPHS) == "1"
+        on_cuda = self.device.type == "cuda" or emulate
         requested = self.config.compilation.cudagraph_mode or (
             CUDAGraphMode.FULL_AND_PIECEWISE if on_cuda else CUDAGraphMode.NONE)
         res = resolve_cudagraph_mode(requested, self.backend.name,
@@ -365,7 +370,7 @@ class ModelRunner:
         if res.mode is not CUDAGraphMode.NONE:
             from tachyon.cudagraph.runner import CUDAGraphRunner
 
-            self.graph_runner = CUDAGraphRunner(self, res.mode)
+            self.graph_runner = CUDAGraphRunner(self, res.mode, emulate=emulate)
             num_graphs, seconds, pool_mib = self.graph_runner.capture_all()
         return (f"cudagraph_mode={res.mode.value} backend={self.backend.name} "
                 f"graphs={num_graphs} capture_s={seconds:.2f} pool_mib={pool_mib:.0f} "

@@ -1,0 +1,197 @@
+"""What /v1/completions and /v1/chat/completions share.
+
+Both boil down to a ``Job`` (token-id prompts, one ``SamplingParams``, streaming options) and a
+``Formatter`` that renders choices in the endpoint's shape. ``OpenAIServing.run`` submits the
+job and returns either the whole response or an async iterator of SSE events: one event per
+generated token, ``finish_reason`` on each choice's last token only, an optional usage event,
+then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tachyon.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream, TokenDelta
+from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, model_not_found
+from tachyon.sampling_params import SamplingParams
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class Choice:
+    """One output choice (prompt ``prompt_index``, sample ``index % n``) as it accumulates."""
+
+    index: int
+    prompt_index: int
+    prefix: str = ""  # text shown before the output (the prompt, with echo)
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    text_offset: int = 0  # characters of token strings so far (completions logprobs)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def text(self) -> str:
+        return self.prefix + "".join(self.texts)
+
+    def add(self, delta: TokenDelta) -> None:
+        self.texts.append(delta.text)
+        self.token_ids.append(delta.token_id)
+        if delta.logprobs is not None:
+            self.logprobs.append(delta.logprobs)
+        self.finish_reason = delta.finish_reason
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: StreamOptions
+    prefixes: list[str] | None = None  # per prompt, with echo
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def new_choices(self) -> list[Choice]:
+        n = self.params.n
+        return [Choice(i, i // n, self.prefixes[i // n] if self.prefixes else "")
+                for i in range(len(self.prompts) * n)]
+
+    def usage(self, choices: list[Choice]) -> dict[str, int]:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(c.num_tokens for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+
+class Formatter(Protocol):
+    """Renders choices in one endpoint's shape."""
+
+    object: str  # of the full response
+    chunk_object: str  # of a streamed chunk
+
+    def chunk_choice(self, choice: Choice, delta: TokenDelta) -> dict[str, Any]:
+        """The choice object of the chunk carrying ``delta``; ``choice`` is not updated yet."""
+        ...
+
+    def full_choice(self, choice: Choice) -> dict[str, Any]: ...
+
+
+def top_logprobs(lps: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely tokens of a position (the engine puts the sampled one first)."""
+    return sorted(lps.items(), key=lambda kv: -kv[1])[:k]
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class OpenAIServing:
+    def __init__(self, llm: AsyncLLM, model_name: str, tokenizer: Any) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.tokenizer = tokenizer  # the server's own copy: the engine thread uses its own
+        self.max_model_len = llm.max_model_len
+        self._token_texts: dict[int, str] = {}
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise model_not_found(name)
+
+    def token_text(self, token_id: int) -> str:
+        """A token as text for logprobs (``token_id:N`` without a tokenizer, as vLLM)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = (f"token_id:{token_id}" if self.tokenizer is None
+                    else self.tokenizer.decode([token_id]))
+            self._token_texts[token_id] = text
+        return text
+
+    def encode(self, text: str, param: str) -> list[int]:
+        if self.tokenizer is None:
+            raise OpenAIError("this model has no tokenizer; send the prompt as token ids", param)
+        ids = list(self.tokenizer.encode(text))
+        if not ids:
+            raise OpenAIError("the prompt is empty", param)
+        return ids
+
+    def max_tokens_for(self, prompt_len: int, requested: int | None, default: int | None,
+                       param: str) -> int:
+        """The token budget of one prompt; ``None`` requested: ``default``, capped by what is
+        left of the context (all of it without a default)."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                f"prompt has {prompt_len} tokens; shorten it.", param,
+                code="context_length_exceeded")
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested > room:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                f"{requested} for the completion); reduce the prompt or max_tokens.", param,
+                code="context_length_exceeded")
+        return requested
+
+    async def run(self, job: Job, fmt: Formatter) -> dict[str, Any] | AsyncIterator[str]:
+        try:
+            stream = await self.llm.add_request(job.request_id, job.prompts, job.params)
+        except ValueError as e:  # the engine rejected a prompt (token ids out of range, ...)
+            raise OpenAIError(str(e), "prompt") from None
+        except EngineDeadError as e:
+            raise OpenAIError(str(e), status=503, type_="server_error") from None
+        if job.stream.stream:
+            return self._events(job, fmt, stream)
+        async with stream:  # a cancelled waiter (client gone) aborts the request
+            return await self._collect(job, fmt, stream)
+
+    async def _collect(self, job: Job, fmt: Formatter, stream: RequestStream) -> dict[str, Any]:
+        choices = job.new_choices()
+        n = job.params.n
+        try:
+            async for item in stream:
+                for d in item.deltas:
+                    choices[item.prompt_index * n + d.index].add(d)
+        except EngineDeadError as e:
+            raise OpenAIError(str(e), status=500, type_="server_error") from None
+        return {"id": job.request_id, "object": fmt.object, "created": job.created,
+                "model": job.model, "choices": [fmt.full_choice(c) for c in choices],
+                "usage": job.usage(choices)}
+
+    async def _events(self, job: Job, fmt: Formatter, stream: RequestStream
+                      ) -> AsyncIterator[str]:
+        choices = job.new_choices()
+        n = job.params.n
+        head = {"id": job.request_id, "object": fmt.chunk_object, "created": job.created,
+                "model": job.model}
+        tail = {"usage": None} if job.stream.include_usage else {}
+        try:
+            async with stream:
+                async for item in stream:
+                    for d in item.deltas:
+                        choice = choices[item.prompt_index * n + d.index]
+                        yield sse({**head, "choices": [fmt.chunk_choice(choice, d)], **tail})
+                        choice.add(d)
+        except EngineDeadError as e:
+            yield sse(OpenAIError(str(e), status=500, type_="server_error").body())
+            yield SSE_DONE
+            return
+        if job.stream.include_usage:
+            yield sse({**head, "choices": [], "usage": job.usage(choices)})
+        yield SSE_DONE

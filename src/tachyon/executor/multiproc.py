@@ -1,0 +1,397 @@
+"""One process per tensor-parallel rank (``tensor_parallel_size > 1``).
+
+Every rank runs a ``TPWorker``: a ``ModelRunner`` that holds this rank's shard of the weights
+and of the KV heads. Rank 0 drives: it takes each ``SchedulerOutput`` as bytes (pickled once),
+broadcasts them to the other ranks over the gloo control plane, runs the step and returns the
+sampled tokens. The other ranks run the same step from the same bytes and meet rank 0 in the
+forward's all-reduces. Every rank samples from the same gathered logits with the same seeds;
+only rank 0's tokens leave.
+
+How the ranks start:
+
+* **spawned** (one machine; the default). The engine's process is the driver and holds no
+  process group. It starts N daemon workers (spawn context, rank r on ``cuda:r``) that meet
+  through a ``file://`` store in a fresh temp dir: no port, so engines never collide. The
+  driver talks to rank 0 over a pipe and watches every worker: a rank that dies or raises
+  becomes a ``RuntimeError`` in the driver at once, never a hang. Workers leave when the
+  driver shuts down, drops the executor or exits (a finalizer), or dies (pipe EOF and a
+  parent watchdog).
+* **torchrun** (any number of machines). RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR are
+  set, so nothing is spawned: this process is rank RANK on ``cuda:LOCAL_RANK``. Rank 0 drives
+  in-process; every other rank serves inside this constructor and, when rank 0 shuts down,
+  leaves the program (``SystemExit(0)``). See docs/multi_node.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from tachyon.config import EngineConfig
+from tachyon.distributed.parallel_state import (
+    LaunchEnv,
+    default_backend,
+    destroy_distributed,
+    init_distributed,
+)
+from tachyon.engine.scheduler import SchedulerOutput
+from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+_STOP = pickle.dumps(None)  # the step that ends the serve loops
+# A clean shutdown gets this long (NCCL teardown included) before the workers are killed.
+SHUTDOWN_GRACE_S = 10.0
+# After a first failure, how long to wait for the other ranks' reports, to name every cause.
+FAILURE_SETTLE_S = 0.5
+
+
+class TPWorker:
+    """One rank: its runner, and the control plane to the other ranks."""
+
+    def __init__(self, config: EngineConfig, rank: int, world_size: int, local_rank: int,
+                 init_method: str | None) -> None:
+        device = torch.device("cuda", local_rank) if config.device == "cuda" \
+            else torch.device("cpu")
+        backend = config.parallel.distributed_backend or default_backend(device)
+        self.rank = rank
+        self.control = init_distributed(rank, world_size, device, backend, init_method)
+        # One default generator state everywhere: unseeded sampling draws the same tokens.
+        torch.manual_seed(config.model.seed)
+        self.runner: ModelRunner | None = ModelRunner(config, device)
+        self.num_blocks = self.control.min_int(self.runner.determine_num_blocks())
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.startup_report = f"{self.runner.init_graphs()} tp={world_size}"
+
+    def execute(self, payload: bytes) -> ModelRunnerOutput:
+        """Rank 0: ship the pickled step to the other ranks, then run it here."""
+        self.control.broadcast_bytes(payload)
+        return self.runner.execute(pickle.loads(payload))
+
+    def serve(self) -> None:
+        """Ranks > 0: run what rank 0 broadcasts until it broadcasts the stop."""
+        while (out := pickle.loads(self.control.broadcast_bytes(None))) is not None:
+            self.runner.execute(out)
+
+    def close(self) -> None:
+        """Rank 0 tells the others to stop first; then every rank leaves the world."""
+        if self.runner is None:
+            return
+        if self.rank == 0:
+            self.control.broadcast_bytes(_STOP)
+        self.runner = None  # graphs and KV cache go before the communicator they use
+        gc.collect()
+        destroy_distributed()
+
+
+class MultiprocExecutor:
+    """The executor the engine uses for ``tensor_parallel_size > 1`` (interface of
+    ``UniProcExecutor``)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        world = config.parallel.tensor_parallel_size
+        launch = LaunchEnv.from_environ()
+        if launch is None:
+            self._ranks: _SpawnedRanks | _LaunchedRank0 = _SpawnedRanks(config, world)
+        else:
+            self._ranks = _join_launched_world(config, world, launch)
+        self.num_blocks = self._ranks.num_blocks
+        self.startup_report = self._ranks.startup_report
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the ranks, rank 0 first."""
+        return self._ranks.pids
+
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self._ranks.execute(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def shutdown(self) -> None:
+        self._ranks.close()
+
+
+# -- torchrun ----------------------------------------------------------------------------------
+class _LaunchedRank0:
+    """Rank 0 under a launcher: its worker lives in the driver's own process."""
+
+    def __init__(self, worker: TPWorker) -> None:
+        self.worker = worker
+        self.num_blocks, self.startup_report = worker.num_blocks, worker.startup_report
+        self.pids = [os.getpid()]
+        # At exit too: the other ranks must hear the stop, or they wait out their timeout.
+        self._finalizer = weakref.finalize(self, worker.close)
+
+    def execute(self, payload: bytes) -> ModelRunnerOutput:
+        return self.worker.execute(payload)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _join_launched_world(config: EngineConfig, world: int, launch: LaunchEnv) -> _LaunchedRank0:
+    if launch.world_size != world:
+        raise ValueError(
+            f"the launcher started {launch.world_size} processes (WORLD_SIZE) but "
+            f"tensor_parallel_size is {world}; they must be equal"
+        )
+    _check_gpus(config, launch.local_rank + 1)
+    worker = TPWorker(config, launch.rank, world, launch.local_rank, init_method=None)
+    if launch.rank == 0:
+        return _LaunchedRank0(worker)
+    logger.info("tensor-parallel rank %d of %d serves rank 0", launch.rank, world)
+    worker.serve()
+    worker.close()
+    raise SystemExit(0)  # this rank's program is rank 0's: nothing of the caller's runs here
+
+
+def _check_gpus(config: EngineConfig, needed: int) -> None:
+    if config.device == "cuda" and torch.cuda.device_count() < needed:
+        raise ValueError(
+            f"tensor parallelism here needs {needed} GPUs, {torch.cuda.device_count()} visible; "
+            f"lower --tensor-parallel-size or start ranks on more machines (docs/multi_node.md)"
+        )
+
+
+# -- spawned workers: the driver's side ----------------------------------------------------------
+class _SpawnedRanks:
+    """N worker processes on this machine, and the pipes to them.
+
+    Messages, worker to driver: ("ready", (num_blocks, report)) once from every rank;
+    ("result", ModelRunnerOutput) from rank 0 per step; ("error", (exception, traceback)) from
+    a rank that fails, which then exits. Driver to rank 0: pickled steps, ``_STOP`` at the end.
+    """
+
+    def __init__(self, config: EngineConfig, world: int) -> None:
+        _check_gpus(config, world)
+        ctx = mp.get_context("spawn")
+        self.store_dir = tempfile.mkdtemp(prefix="tachyon-tp-")
+        init_method = "file://" + os.path.join(self.store_dir, "store")
+        self.procs: list[mp.process.BaseProcess] = []
+        self.conns: list[Connection] = []
+        self._workers = _Workers(self.procs, self.conns, self.store_dir)
+        self._finalizer = weakref.finalize(self, self._workers.shut_down)
+        self.failure: str | None = None
+        self._pending = False  # a step was sent and its result not yet read
+        level = logging.getLogger().getEffectiveLevel()
+        try:
+            for rank in range(world):
+                ours, theirs = ctx.Pipe()
+                p = ctx.Process(target=_worker_main, name=f"tachyon-tp{rank}", daemon=True,
+                                args=(config, rank, world, init_method, theirs, level))
+                p.start()
+                theirs.close()
+                self.procs.append(p)
+                self.conns.append(ours)
+            self.num_blocks, self.startup_report = self._await_ready()
+            self._workers.serving = True
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def execute(self, payload: bytes) -> ModelRunnerOutput:
+        if self.failure is not None:
+            raise RuntimeError(f"{self.failure} (the tensor-parallel workers are gone; "
+                               f"start a new engine)")
+        if self._pending:  # the caller gave up on the last step (Ctrl-C): its result is stale
+            self._await_result()
+        if not all(p.is_alive() for p in self.procs):
+            self._fail_from_events([])
+        try:
+            self.conns[0].send_bytes(payload)
+        except OSError:  # rank 0 is gone
+            self._fail_from_events([])
+        self._pending = True
+        result = self._await_result()
+        self._pending = False
+        return result
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # -- waiting on the workers ----------------------------------------------------------------
+    def _await_ready(self) -> tuple[int, str]:
+        first: tuple[int, str] | None = None
+        waiting = set(range(len(self.procs)))
+        while waiting:
+            rank, kind, body = self._next_event()
+            if kind != "ready":
+                self._fail_from_events([(rank, kind, body)], starting=True)
+            waiting.discard(rank)
+            if rank == 0:
+                first = body
+        assert first is not None
+        return first
+
+    def _await_result(self) -> ModelRunnerOutput:
+        rank, kind, body = self._next_event()
+        if kind != "result":
+            self._fail_from_events([(rank, kind, body)])
+        return body
+
+    def _next_event(self, timeout: float | None = None) -> tuple[int, str, Any]:
+        """The next message from any rank, or (rank, "died", exit code) for a rank that ended
+        without one; (-1, "timeout", None) after ``timeout`` seconds."""
+        while True:
+            for rank, conn in enumerate(self.conns):
+                if conn.poll():  # messages first: a failing rank reports, then exits
+                    try:
+                        return (rank, *conn.recv())
+                    except (EOFError, OSError):
+                        return rank, "died", self._exit_code(rank)
+            for rank, p in enumerate(self.procs):
+                if not p.is_alive():
+                    return rank, "died", p.exitcode
+            if not wait(self.conns + [p.sentinel for p in self.procs], timeout):
+                return -1, "timeout", None
+
+    def _exit_code(self, rank: int) -> int | None:
+        self.procs[rank].join(FAILURE_SETTLE_S)  # its pipe closed: the process is ending
+        return self.procs[rank].exitcode
+
+    def _fail_from_events(self, events: list[tuple[int, str, Any]],
+                          starting: bool = False) -> None:
+        """Collect every rank's failure for a moment, stop all workers, and raise one error
+        that names each failed rank (deaths first: peers' errors usually follow from them)."""
+        deadline = time.monotonic() + FAILURE_SETTLE_S
+        seen = {rank for rank, _, _ in events}
+        while len(seen) < len(self.procs) and (left := deadline - time.monotonic()) > 0:
+            rank, kind, body = self._next_event(timeout=left)
+            if kind == "timeout":
+                break
+            if rank not in seen and kind in ("error", "died"):
+                events.append((rank, kind, body))
+                seen.add(rank)
+            elif kind == "died":  # already reported; keep polling the others
+                seen.add(rank)
+        self._workers.serving = False  # no clean stop: ranks may be stuck in a collective
+        self._finalizer()
+        deaths = [f"tensor-parallel worker rank {r} died ({_describe_exit(code)})"
+                  for r, kind, code in sorted(events) if kind == "died"]
+        errors = [(r, exc, tb) for r, kind, (exc, tb) in sorted(
+            (e for e in events if e[1] == "error"), key=lambda e: e[0])]
+        if starting and errors and isinstance(errors[0][1], ValueError):
+            # Bad input (e.g. heads not divisible by the TP size): the same ValueError as TP=1.
+            raise ValueError(f"{errors[0][1]} (tensor-parallel rank {errors[0][0]})")
+        parts = deaths + [f"tensor-parallel worker rank {r} failed: {type(exc).__name__}: {exc}"
+                          for r, exc, _ in errors]
+        self.failure = "; ".join(parts) or "tensor-parallel workers stopped"
+        detail = f"\n\nrank {errors[0][0]} traceback:\n{errors[0][2]}" if errors else ""
+        raise RuntimeError(self.failure + detail)
+
+
+@dataclass
+class _Workers:
+    """What the shutdown needs, apart from the executor (a finalizer must not hold it)."""
+
+    procs: list[mp.process.BaseProcess]
+    conns: list[Connection]
+    store_dir: str
+    serving: bool = False  # every rank started and none failed: a clean stop is possible
+
+    def shut_down(self) -> None:
+        """Ask rank 0 to stop (it tells the others), give them a grace, kill what is left."""
+        grace = 0.0
+        if self.serving and all(p.is_alive() for p in self.procs):
+            try:
+                self.conns[0].send_bytes(_STOP)
+                grace = SHUTDOWN_GRACE_S
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        for c in self.conns:
+            c.close()
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            return f"exit code {code}, {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+# -- spawned workers: the worker's side ----------------------------------------------------------
+def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
+                 conn: Connection, log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    _exit_with_parent()
+    logging.basicConfig(level=log_level if rank == 0 else max(log_level, logging.WARNING),
+                        format=f"%(levelname)s [tp{rank}] %(name)s: %(message)s")
+    if config.device == "cpu":  # ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        worker = TPWorker(config, rank, world, rank, init_method)
+        conn.send(("ready", (worker.num_blocks, worker.startup_report)))
+        if rank == 0:
+            _drive(worker, conn)
+        else:
+            worker.serve()
+        worker.close()
+    except BaseException as e:
+        _report(conn, e)
+        os._exit(1)  # skip interpreter teardown: peers may be stuck in a collective with us
+
+
+def _drive(worker: TPWorker, conn: Connection) -> None:
+    """Rank 0's loop: steps from the driver's pipe until the stop or the driver's end (EOF)."""
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except EOFError:
+            return
+        if payload == _STOP:
+            return
+        conn.send(("result", worker.execute(payload)))
+
+
+def _report(conn: Connection, e: BaseException) -> None:
+    tb = traceback.format_exc()
+    try:
+        pickle.dumps(e)
+    except Exception:
+        e = RuntimeError(f"{type(e).__name__}: {e}")
+    with contextlib.suppress(OSError):  # the driver is gone: nobody to tell
+        conn.send(("error", (e, tb)))
+
+
+def _exit_with_parent() -> None:
+    """Leave at once if the driver dies (even by SIGKILL, which runs no finalizer)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tachyon-parent-watch", daemon=True).start()

@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny random HF checkpoints written by the tests, and the default model.
+
+The tiny models are real ``save_pretrained`` safetensors directories, so tachyon loads them
+exactly like a downloaded checkpoint and transformers can serve as the reference. Weights are
+re-drawn with a larger spread than HF's default init (std 0.02) so attention is far from
+uniform: with near-uniform attention a broken rotary or causal mask would go unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TINY_VOCAB = 500  # not a multiple of the 64-row vocab padding on purpose
+TINY_MAX_POS = 512
+# Std of re-drawn weight matrices: q.k logits come out O(1), so attention is peaked.
+TINY_WEIGHT_STD = 0.15
+
+_COMMON = dict(
+    vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    max_position_embeddings=TINY_MAX_POS, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+)
+
+# name -> (config class name, extra config kwargs)
+TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
+    "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True, "num_hidden_layers": 3}),
+    "llama3-rope": ("LlamaConfig", {
+        "tie_word_embeddings": False, "attention_bias": True,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 32}}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": False, "num_hidden_layers": 3}),
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": True, "num_hidden_layers": 4}),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.rand(p.shape, generator=gen) - 0.1)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(TINY_WEIGHT_STD * torch.randn(p.shape, generator=gen))
+
+
+def write_tiny_model(root: Path, name: str, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random tiny HF checkpoint (float32 safetensors) and return its directory."""
+    import transformers
+
+    cls_name, extra = TINY_SPECS[name]
+    kwargs = {**_COMMON, **extra, **overrides}
+    cfg = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _randomize(model, seed)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    path = root / name
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> directory of a tiny random checkpoint, for every entry of ``TINY_SPECS``."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: write_tiny_model(root, name, seed=i + 1) for i, name in enumerate(TINY_SPECS)}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models: dict[str, Path]) -> str:
+    return str(tiny_models["llama"])
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> str:
+    from tachyon.loader.resolve import default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(default_gguf: str) -> Any:
+    """The real SmolLM2 tokenizer, read from the GGUF once per session."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(default_gguf),
+                                         gguf_file=os.path.basename(default_gguf))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_model(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> str:
+    """A tiny random Llama with SmolLM2's real tokenizer and vocabulary: text features
+    (stop strings, detokenization) without the cost of the real model."""
+    root = tmp_path_factory.mktemp("tiny_tok")
+    path = write_tiny_model(root, "llama", seed=7, vocab_size=len(smol_tokenizer),
+                            eos_token_id=smol_tokenizer.eos_token_id,
+                            bos_token_id=smol_tokenizer.bos_token_id)
+    smol_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_gguf: str) -> Iterator[Any]:
+    """One engine over the embedded SmolLM2-135M-Instruct, shared by the whole session."""
+    from tachyon import LLM
+
+    llm = LLM(device="cpu", max_model_len=512, kv_cache_memory="64MiB", max_num_seqs=16)
+    yield llm
+    llm.engine.shutdown()
