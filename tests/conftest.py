@@ -9,6 +9,7 @@ uniform: with near-uniform attention a broken rotary or causal mask would go unn
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,12 @@ def default_llm(default_gguf: str) -> Iterator[Any]:
     llm = LLM(device="cpu", max_model_len=512, kv_cache_memory="64MiB", max_num_seqs=16)
     yield llm
     llm.engine.shutdown()
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """Fresh random inputs every run; the seed is printed so a failure can be replayed
+    (set TACHYON_TEST_SEED to force it)."""
+    seed = int(os.environ.get("TACHYON_TEST_SEED") or random.SystemRandom().randrange(1 << 32))
+    print(f"{request.node.nodeid}: TACHYON_TEST_SEED={seed}")
+    return random.Random(seed)

@@ -12,6 +12,7 @@ and later requests are refused at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -287,10 +288,8 @@ class AsyncLLM:
 
     def _post(self, fn: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
 
     # -- engine-thread side -----------------------------------------------------------------
     def _run(self) -> None:

@@ -162,6 +162,7 @@ class LLMEngine:
             return []
         result = self.executor.execute_model(sched)
         self.stats["steps"] += 1
+        self.stats["preemptions"] = self.scheduler.num_preemptions
         sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
         logprobs = dict(zip(result.request_ids, result.logprobs, strict=True)) \
             if result.logprobs is not None else {}

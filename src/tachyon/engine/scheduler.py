@@ -67,6 +67,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._known_to_runner: set[str] = set()
         self._block_counts: dict[str, int] = {}  # blocks already sent to the runner
+        self.num_preemptions = 0  # since start, for stats
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -182,6 +183,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # -- after the step -------------------------------------------------------------------

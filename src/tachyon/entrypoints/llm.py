@@ -30,6 +30,10 @@ class LLM:
         llm._counter = 0
         return llm
 
+    def shutdown(self) -> None:
+        """Release the engine's device memory (model, KV cache, graphs) now."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.engine.get_tokenizer()
 

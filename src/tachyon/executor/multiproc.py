@@ -32,6 +32,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -357,9 +358,16 @@ def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
         else:
             worker.serve()
         worker.close()
+        code = 0
     except BaseException as e:
         _report(conn, e)
-        os._exit(1)  # skip interpreter teardown: peers may be stuck in a collective with us
+        code = 1
+    # Skip the interpreter's teardown: it holds nothing of ours, takes seconds (torch and
+    # transformers unloading) and, after a failure, may wait on a collective that never ends.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _drive(worker: TPWorker, conn: Connection) -> None:

@@ -22,9 +22,21 @@ class UniProcExecutor:
         self.num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(self.num_blocks)
         self.startup_report = self.runner.init_graphs()
+        self.graph_stats = self.runner.graph_stats
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)
 
     def shutdown(self) -> None:
+        """Drop the model, KV cache and graphs so their device memory can be reused."""
+        if self.runner is None:
+            return
         self.runner = None
+        import gc
+
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

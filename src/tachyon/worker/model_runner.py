@@ -372,6 +372,11 @@ class ModelRunner:
 
             self.graph_runner = CUDAGraphRunner(self, res.mode, emulate=emulate)
             num_graphs, seconds, pool_mib = self.graph_runner.capture_all()
-        return (f"cudagraph_mode={res.mode.value} backend={self.backend.name} "
-                f"graphs={num_graphs} capture_s={seconds:.2f} pool_mib={pool_mib:.0f} "
-                f"kv_blocks={self.num_blocks} block_size={self.block_size}")
+        self.graph_stats = {
+            "cudagraph_mode": res.mode.value, "backend": self.backend.name,
+            "piecewise_backend": self.config.compilation.piecewise_backend,
+            "graphs": num_graphs, "capture_s": round(seconds, 3),
+            "pool_mib": round(pool_mib, 1), "kv_blocks": self.num_blocks,
+            "block_size": self.block_size,
+        }
+        return " ".join(f"{k}={v}" for k, v in self.graph_stats.items())

@@ -12,6 +12,7 @@ from tachyon.entrypoints.openai.serving_engine import (
     Choice,
     Job,
     OpenAIServing,
+    finite,
     new_request_id,
     top_logprobs,
 )
@@ -49,7 +50,7 @@ class ChatFormatter:
     def _entry(self, token: int, lps: dict[int, float]) -> dict[str, Any]:
         assert self.k is not None
         top = [self._token(t, lp) for t, lp in top_logprobs(lps, self.k)]
-        return {**self._token(token, lps[token]), "top_logprobs": top}
+        return {**self._token(token, finite(lps[token])), "top_logprobs": top}
 
     def _token(self, token: int, logprob: float) -> dict[str, Any]:
         s = self.serving.token_text(token)

@@ -17,6 +17,7 @@ from tachyon.entrypoints.openai.serving_engine import (
     Choice,
     Job,
     OpenAIServing,
+    finite,
     new_request_id,
     top_logprobs,
 )
@@ -57,10 +58,10 @@ class CompletionFormatter:
         for token, lps in zip(token_ids, positions, strict=True):
             s = text(token)
             out["tokens"].append(s)
-            out["token_logprobs"].append(lps[token])
+            out["token_logprobs"].append(finite(lps[token]))
             # As vLLM: the sampled token is listed with the top-k.
             top = {text(t): lp for t, lp in top_logprobs(lps, self.k)}
-            top.setdefault(s, lps[token])
+            top.setdefault(s, finite(lps[token]))
             out["top_logprobs"].append(top)
             out["text_offset"].append(len(cursor.prefix) + cursor.text_offset)
             cursor.text_offset += len(s)

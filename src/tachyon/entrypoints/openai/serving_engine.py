@@ -21,6 +21,8 @@ from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, mode
 from tachyon.sampling_params import SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
+# JSON has no -inf: a token masked out (top-k, min-p) reports this instead, as in vLLM.
+MIN_LOGPROB = -9999.0
 
 
 def sse(obj: dict[str, Any]) -> str:
@@ -91,9 +93,13 @@ class Formatter(Protocol):
     def full_choice(self, choice: Choice) -> dict[str, Any]: ...
 
 
+def finite(logprob: float) -> float:
+    return logprob if logprob > MIN_LOGPROB else MIN_LOGPROB  # NaN too
+
+
 def top_logprobs(lps: dict[int, float], k: int) -> list[tuple[int, float]]:
     """The ``k`` most likely tokens of a position (the engine puts the sampled one first)."""
-    return sorted(lps.items(), key=lambda kv: -kv[1])[:k]
+    return [(t, finite(lp)) for t, lp in sorted(lps.items(), key=lambda kv: -kv[1])[:k]]
 
 
 def new_request_id(prefix: str) -> str:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: ``tachyon serve`` (see ``server.py``)."""
