@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     startup_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=ns.temperature, ignore_eos=True, max_tokens=m)
               for m in max_tokens]
-    llm.generate(prompts[:8], [SamplingParams(max_tokens=16, ignore_eos=True)] * 8,
+    llm.generate(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True),
                  use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
