@@ -133,3 +133,52 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
     seed = int(os.environ.get("TACHYON_TEST_SEED") or random.SystemRandom().randrange(1 << 32))
     print(f"{request.node.nodeid}: TACHYON_TEST_SEED={seed}")
     return random.Random(seed)
+
+
+# --------------------------------------------------------------------- KV cache bookkeeping
+
+
+def check_kv_invariants(kv: Any) -> None:
+    """Block accounting of a ``KVCacheManager``: reference counts equal the number of
+    requests holding a block, a block is in the free queue iff nobody holds it, nobody holds
+    a block twice, and the prefix-cache index points at blocks carrying that hash."""
+    from collections import Counter
+
+    pool = kv.pool
+    holders: Counter[int] = Counter()
+    for rid, blocks in kv.req_blocks.items():
+        ids = [b.block_id for b in blocks]
+        assert len(set(ids)) == len(ids), f"{rid} holds a block twice: {ids}"
+        for b in blocks:
+            assert pool.blocks[b.block_id] is b
+        holders.update(ids)
+    for b in pool.blocks:
+        assert b.ref_cnt == holders[b.block_id], (b, holders[b.block_id])
+        assert (b.block_id in pool.free_queue) == (b.ref_cnt == 0), b
+    assert len(pool.free_queue) == sum(1 for b in pool.blocks if b.ref_cnt == 0)
+    assert kv.num_free_blocks == len(pool.free_queue)
+    for h, block_id in pool.cached.items():
+        assert pool.blocks[block_id].block_hash == h
+
+
+class FakeKVContent:
+    """Stands in for the K/V tensors: the slot of position ``p`` holds a fingerprint of the
+    tokens ``[0, p]`` (K/V depend on the whole prefix). Reading a request's context back
+    proves its blocks hold its own history, whatever was shared, evicted or reused."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.slots: list[int | None] = [None] * (num_blocks * block_size)
+
+    def _slot(self, block_ids: list[int], pos: int) -> int:
+        return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def write(self, block_ids: list[int], tokens: list[int], start: int, n: int) -> None:
+        for p in range(start, start + n):
+            self.slots[self._slot(block_ids, p)] = hash(tuple(tokens[: p + 1]))
+
+    def verify(self, block_ids: list[int], tokens: list[int], upto: int, who: str) -> None:
+        for p in range(upto):
+            assert self.slots[self._slot(block_ids, p)] == hash(tuple(tokens[: p + 1])), (
+                f"{who}: position {p} of {upto} reads K/V of another history"
+            )

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tachyon.attention.base import AttentionSpec, CommonAttentionMetadata
+from tachyon.attention import flex_backend
 from tachyon.attention.flex_backend import Q_BLOCK, FlexAttentionBackend
 from tachyon.attention.torch_backend import TorchAttentionBackend
 
@@ -268,20 +269,53 @@ def test_block_mask_is_complete(case):
     assert not (need & ~listed).any()
 
 
-def test_greedy_generation_matches_torch_backend(tiny_llama):
+def test_eager_chunks_long_batches(monkeypatch):
+    """The eager path splits a long query into chunks to bound the dense scores."""
+    monkeypatch.setattr(flex_backend, "_EAGER_CHUNK_BYTES", 1)  # one query block per call
+    spec = make_spec()
+    batch = Batch(spec, seed=21)
+    flex = check_against_reference(spec, batch, batch.fill(
+        [(20, 50), (1, 7), (30, 30), (9, 90)], pad_tokens=6))
+    assert flex._eager_chunk == Q_BLOCK
+
+
+@pytest.mark.slow
+def test_compiled_flex_on_cpu():
+    """torch.compile'd flex (Inductor's CPU template walks kv_indices, unlike eager):
+    several padded sizes through one backend, dynamic-shape recompiles included."""
+    spec = make_spec()
+    flex = FlexAttentionBackend(spec, use_compile=True)
+    batch = Batch(spec, num_blocks=NUM_BLOCKS, seed=31)
+    for case in ("prefix_context", "padded_requests", "shared_prefix_decode", "padded_tokens"):
+        check_against_reference(spec, batch, batch.fill(**CASES[case]), flex)
+
+
+def _generate(model: str, backend: str, rounds: list[list[list[int]]]) -> list[list[int]]:
     from tachyon import LLM, SamplingParams
 
-    prompts = [[5, 17, 42, 99, 3, 250, 7], list(range(10, 60)), [400, 1, 2], [9] * 21]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    results = {}
-    for backend in ("torch", "flex"):
-        llm = LLM(model=tiny_llama, device="cpu", attention_backend=backend, max_model_len=128,
-                  max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory="1MiB")
-        try:
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                use_tqdm=False)
-            results[backend] = [list(o.outputs[0].token_ids) for o in outs]
-        finally:
-            llm.engine.shutdown()
-    assert all(len(r) == 16 for r in results["flex"])
-    assert results["flex"] == results["torch"]
+    llm = LLM(model=model, device="cpu", attention_backend=backend, max_model_len=128,
+              max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory="1MiB")
+    try:
+        ids = []
+        for prompts in rounds:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            ids += [list(o.outputs[0].token_ids) for o in outs]
+        return ids
+    finally:
+        llm.engine.shutdown()
+
+
+def test_greedy_generation_matches_torch_backend(tiny_llama):
+    long = list(range(10, 60))
+    rounds = [
+        # Ragged prompts, one longer than the token budget (chunked prefill), more prompts
+        # than seats (queueing), then decode.
+        [[5, 17, 42, 99, 3, 250, 7], long, [400, 1, 2], [9] * 21, [33, 44] * 9],
+        # Prompts that extend earlier ones: prefix-cache hits give cached context.
+        [[*long, 7, 8, 9], [*long[:40], 300], [5, 17, 42, 99, 3, 250, 7, 1]],
+    ]
+    torch_ids = _generate(tiny_llama, "torch", rounds)
+    flex_ids = _generate(tiny_llama, "flex", rounds)
+    assert all(len(r) == 16 for r in flex_ids)
+    assert flex_ids == torch_ids

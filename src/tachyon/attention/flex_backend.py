@@ -41,20 +41,37 @@ from typing import Any, ClassVar
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from tachyon.attention.base import AttentionBackend, AttentionSpec, CGSupport, CommonAttentionMetadata
+from tachyon.attention.base import (
+    AttentionBackend,
+    AttentionSpec,
+    CGSupport,
+    CommonAttentionMetadata,
+)
 
 Q_BLOCK = 16  # query tokens per block-mask row; the smallest tile Triton's tl.dot accepts
+
+# Scores the eager (unfused, dense) path may materialise per call; longer batches are split.
+_EAGER_CHUNK_BYTES = 256 << 20
+# Compilations of the flex call a process may need: a static first size, the dynamic-shape
+# variants (one query block or many; short or long queries), bf16 and fp16.
+_RECOMPILE_LIMIT = 32
 
 _compiled_flex: Any = None
 
 
-def _flex_fn(compiled: bool) -> Any:
-    """The eager ``flex_attention`` or, once per process, its ``torch.compile``d version."""
+def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options):
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                          kernel_options=kernel_options)
+
+
+def _compiled_flex_call() -> Any:
+    """``torch.compile(fullgraph=True)`` of the flex call, created once per process. Its own
+    code object keeps its compile cache apart from other users of ``flex_attention``."""
     global _compiled_flex
-    if not compiled:
-        return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, fullgraph=True)
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
+        _compiled_flex = torch.compile(_flex_call, fullgraph=True)
     return _compiled_flex
 
 
@@ -76,7 +93,10 @@ class FlexAttentionBackend(AttentionBackend):
     name: ClassVar[str] = "flex"
     cudagraph_support: ClassVar[CGSupport] = CGSupport.ALWAYS
 
-    def __init__(self, spec: AttentionSpec) -> None:
+    def __init__(self, spec: AttentionSpec, use_compile: bool | None = None) -> None:
+        """``use_compile``: run flex through ``torch.compile`` (default: on CUDA; the env var
+        ``TACHYON_FLEX_COMPILE=0|1`` overrides the default). Eager flex is CPU/debug only: it
+        materialises the scores densely over the whole cache."""
         super().__init__(spec)
         dev, bs = spec.device, spec.block_size
         if spec.num_heads % spec.num_kv_heads:
@@ -86,7 +106,9 @@ class FlexAttentionBackend(AttentionBackend):
             raise ValueError(f"the flex attention backend needs a power-of-two block_size >= 16 "
                              f"on CUDA, got {bs}; use --block-size 16")
         env = os.environ.get("TACHYON_FLEX_COMPILE")
-        self.compiled = dev.type == "cuda" if env is None else env not in ("", "0")
+        if use_compile is None:
+            use_compile = dev.type == "cuda" if env is None else env not in ("", "0")
+        self.compiled = use_compile
         self.max_tokens = _cdiv(spec.max_num_batched_tokens, Q_BLOCK) * Q_BLOCK
         self.max_q_blocks = self.max_tokens // Q_BLOCK
         self.max_pages = spec.max_blocks_per_seq
@@ -105,6 +127,8 @@ class FlexAttentionBackend(AttentionBackend):
         self._kv_slot = torch.zeros(self.max_tokens, **i64)
         self._kv_ok = torch.zeros(self.max_tokens, dtype=torch.bool, device=dev)
         self._kv_num_blocks = torch.zeros(self.max_q_blocks, **i32)
+        self._no_full = torch.zeros(self.max_q_blocks, **i32)
+        self._q_offset = torch.zeros((), **i32)  # eager path only: first query of a chunk
         self.kernel_options: dict[str, Any] | None = None
         if dev.type == "cuda":
             self.kernel_options = {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": Q_BLOCK,
@@ -139,7 +163,17 @@ class FlexAttentionBackend(AttentionBackend):
             owned = bt[doc[q_idx] * m + logical] == page
             return owned & (logical * bs + kv_idx % bs <= qpos[q_idx])
 
+        q_offset = self._q_offset
+
+        def chunk_mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor
+                           ) -> torch.Tensor:
+            return mask_mod(b, h, q_idx + q_offset, kv_idx)
+
         self._mask_mod = mask_mod
+        self._chunk_mask_mod = chunk_mask_mod
+        # Eager path: query tokens per call so that scores and mask temporaries stay bounded.
+        per_token = num_blocks * bs * (4 * self.spec.num_heads + 48)
+        self._eager_chunk = max(Q_BLOCK, _EAGER_CHUNK_BYTES // per_token // Q_BLOCK * Q_BLOCK)
 
     # -- metadata --------------------------------------------------------------------------
     def build_metadata(self, common: CommonAttentionMetadata) -> FlexAttentionMetadata:
@@ -225,9 +259,14 @@ class FlexAttentionBackend(AttentionBackend):
         if bm is None:
             assert self._kv_indices is not None and self.num_blocks is not None
             nqb = _cdiv(t, Q_BLOCK)
+            full: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+            if self.compiled and self.spec.device.type == "cpu":
+                # Inductor's C++ flex template does not compile without full blocks: give it
+                # an empty set (no block is ever "full": every pair goes through mask_mod).
+                full = (self._no_full[:nqb][None, None], self._no_full[:nqb, None][None, None])
             bm = BlockMask.from_kv_blocks(
                 self._kv_num_blocks[:nqb][None, None], self._kv_indices[:nqb][None, None],
-                BLOCK_SIZE=(Q_BLOCK, self.spec.block_size), mask_mod=self._mask_mod,
+                *full, BLOCK_SIZE=(Q_BLOCK, self.spec.block_size), mask_mod=self._mask_mod,
                 seq_lengths=(t, self.num_blocks * self.spec.block_size), compute_q_blocks=False,
             )
             self._block_masks[t] = bm
@@ -248,14 +287,28 @@ class FlexAttentionBackend(AttentionBackend):
         src, slot = self._kv_src[:t], self._kv_slot[:t]
         ok = self._kv_ok[:t].view(t, 1, 1)
         for new, flat in ((key, flat_k), (value, flat_v)):
-            vals = torch.where(ok, new.index_select(0, src).to(flat.dtype), flat.index_select(0, slot))
-            flat.index_copy_(0, slot, vals)
+            vals = new.index_select(0, src).to(flat.dtype)
+            flat.index_copy_(0, slot, torch.where(ok, vals, flat.index_select(0, slot)))
 
         q = query.unsqueeze(0).transpose(1, 2)  # [1, Hq, T, D]
         k = k_cache.view(1, -1, hk, d).transpose(1, 2)  # [1, Hk, num_blocks * bs, D]
         v = v_cache.view(1, -1, hk, d).transpose(1, 2)
-        out = _flex_fn(self.compiled)(
-            q, k, v, block_mask=md.block_mask, scale=self.spec.scale,
-            enable_gqa=query.shape[1] != hk, kernel_options=self.kernel_options,
-        )
-        output.copy_(out[0].transpose(0, 1))
+        gqa = query.shape[1] != hk
+        if self.compiled:
+            out = _compiled_flex_call()(q, k, v, md.block_mask, self.spec.scale, gqa,
+                                        self.kernel_options)
+            output.copy_(out[0].transpose(0, 1))
+            return
+        for start in range(0, t, self._eager_chunk):  # eager: CPU / debugging only
+            end = min(t, start + self._eager_chunk)
+            bm = md.block_mask
+            if end - start < t:
+                self._q_offset.fill_(start)
+                rows = slice(start // Q_BLOCK, _cdiv(end, Q_BLOCK))
+                bm = BlockMask.from_kv_blocks(
+                    self._kv_num_blocks[rows][None, None], self._kv_indices[rows][None, None],
+                    BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=self._chunk_mask_mod,
+                    seq_lengths=(end - start, bm.seq_lengths[1]), compute_q_blocks=False)
+            out = flex_attention(q[:, :, start:end], k, v, block_mask=bm, scale=self.spec.scale,
+                                 enable_gqa=gqa)
+            output[start:end].copy_(out[0].transpose(0, 1))

@@ -101,9 +101,12 @@ def iterate_dummy(hf_config: Any, seed: int, device: torch.device,
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     gen = torch.Generator(device=device)
-    for name, p in skeleton.state_dict().items():
-        if "rotary_emb" in name:
+    seen: set[int] = set()
+    for name, p in skeleton.state_dict(keep_vars=True).items():
+        # Tied tensors (embedding and LM head) appear under two names: generate them once.
+        if "rotary_emb" in name or id(p) in seen:
             continue
+        seen.add(id(p))
         gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         t = torch.empty(p.shape, dtype=torch.float32, device=device)
         if p.dim() == 1 and "norm" in name:

@@ -1,0 +1,497 @@
+"""`tachyon serve` end to end: the official openai client against a live server on 127.0.0.1.
+
+The server runs in a subprocess (the real CLI) over a tiny random Llama saved with the
+SmolLM2 tokenizer. References are independent of the server: HF transformers for greedy
+tokens and logprobs, the tokenizer for prompt lengths, the non-streamed text for streams, and
+the same request run alone for the load test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+torch = pytest.importorskip("torch")
+
+MODEL = "tiny"
+MAX_MODEL_LEN = 512
+STARTUP_TIMEOUT_S = 180.0
+REQUEST_TIMEOUT_S = 120.0
+IDLE_TIMEOUT_S = 30.0
+# Long enough that no client can read it to the end before it disconnects.
+LONG_MAX_TOKENS = 400
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+def _build_tiny_model(path: Path) -> None:
+    """2 layers, hidden 64, the SmolLM2 tokenizer. A wide init spreads the logits so greedy
+    choices are far from ties (batched and single runs then agree to the token)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tachyon.loader.resolve import default_gguf_path
+
+    gguf = default_gguf_path()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tok.save_pretrained(path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=MAX_MODEL_LEN, initializer_range=0.5,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    _build_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tachyon.entrypoints.cli", "serve", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL,
+           "--kv-cache-memory", "32MiB", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, base)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _wait_healthy(proc: subprocess.Popen[str], base: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become healthy in time")
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Any:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0,
+                         timeout=REQUEST_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir: Path) -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+GREEDY = {"temperature": 0.0}
+NO_EOS = {"ignore_eos": True}
+
+
+def metrics(base: str) -> dict[str, float]:
+    """Prometheus samples by name (labels folded into the name as ``name{k=v}``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+ABORTS = "tachyon:request_success_total{finished_reason=abort}"
+
+
+def wait_idle(base: str) -> dict[str, float]:
+    """Poll /metrics until nothing runs or waits and every KV block is free."""
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while True:
+        m = metrics(base)
+        idle = (m["tachyon:num_requests_running"] == 0 and m["tachyon:num_requests_waiting"] == 0
+                and m["tachyon:kv_cache_free_blocks"] == m["tachyon:kv_cache_total_blocks"])
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def assert_idle(base: str) -> dict[str, float]:
+    m = wait_idle(base)
+    assert m["tachyon:num_requests_running"] == 0
+    assert m["tachyon:num_requests_waiting"] == 0
+    assert m["tachyon:kv_cache_free_blocks"] == m["tachyon:kv_cache_total_blocks"]
+    assert m["tachyon:kv_cache_usage_perc"] == 0
+    return m
+
+
+def hf_greedy(model: Any, prompt: list[int], num_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation and each chosen token's logprob, one full forward per token."""
+    ids = list(prompt)
+    logprobs = []
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            token = int(logits.argmax())
+            logprobs.append(float(logits.log_softmax(-1)[token]))
+            ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+def ok_request(client: Any) -> None:
+    """After an error the server must keep serving."""
+    out = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, extra_body=NO_EOS)
+    assert out.usage.completion_tokens == 2
+
+
+def stream_completion(client: Any, **kwargs: Any) -> tuple[dict[int, list[Any]], Any]:
+    """Chunks per choice index, and the usage chunk (or None)."""
+    per_choice: dict[int, list[Any]] = {}
+    usage = None
+    for chunk in client.completions.create(model=MODEL, stream=True, **kwargs):
+        if chunk.usage is not None:
+            assert not chunk.choices
+            usage = chunk.usage
+        for c in chunk.choices:
+            per_choice.setdefault(c.index, []).append(c)
+    return per_choice, usage
+
+
+def check_finish_only_last(chunks: list[Any]) -> None:
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].finish_reason is not None
+
+
+# -- basics ------------------------------------------------------------------------------------
+def test_models_and_health(server: str, client: Any) -> None:
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_completion_matches_hf_greedy(client: Any, tokenizer: Any, hf_model: Any) -> None:
+    prompt = "The capital of France is"
+    ids = tokenizer.encode(prompt)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=1,
+                                    **GREEDY, extra_body=NO_EOS)
+    want_ids, want_lps = hf_greedy(hf_model, ids, 8)
+    choice = out.choices[0]
+    assert choice.text == tokenizer.decode(want_ids, skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)
+    assert choice.finish_reason == "length"
+    assert choice.logprobs.token_logprobs == pytest.approx(want_lps, abs=1e-3)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == 8
+    assert out.usage.total_tokens == len(ids) + 8
+
+
+def test_chat(client: Any, tokenizer: Any, hf_model: Any) -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name a color."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                         **GREEDY, extra_body=NO_EOS)
+    msg = out.choices[0].message
+    assert msg.role == "assistant"
+    want, _ = hf_greedy(hf_model, ids, 6)
+    assert msg.content == tokenizer.decode(want, skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 6)
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Name a "},
+                                          {"type": "text", "text": "color."}]}]
+    again = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=6,
+                                           **GREEDY, extra_body=NO_EOS)
+    assert again.choices[0].message.content == msg.content
+
+
+def test_chat_top_logprobs(client: Any) -> None:
+    out = client.chat.completions.create(model=MODEL, max_tokens=4, logprobs=True,
+                                         top_logprobs=3, **GREEDY, extra_body=NO_EOS,
+                                         messages=[{"role": "user", "content": "Hi"}])
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4
+    for pos in content:
+        tops = [t.logprob for t in pos.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert pos.logprob == pytest.approx(tops[0])  # greedy picks the most likely token
+
+
+# -- streaming ---------------------------------------------------------------------------------
+def test_completion_stream_equals_full(client: Any) -> None:
+    kwargs = dict(prompt="Once upon a time", max_tokens=12, **GREEDY, extra_body=NO_EOS)
+    full = client.completions.create(model=MODEL, **kwargs)
+    chunks, usage = stream_completion(client, stream_options={"include_usage": True}, **kwargs)
+    assert list(chunks) == [0]
+    assert len(chunks[0]) == 12  # one token per chunk
+    assert "".join(c.text for c in chunks[0]) == full.choices[0].text
+    check_finish_only_last(chunks[0])
+    assert usage.model_dump() == full.usage.model_dump()
+
+
+def test_chat_stream_equals_full(client: Any) -> None:
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
+                  max_completion_tokens=10, **GREEDY, extra_body=NO_EOS)
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs,
+                                                 stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert len(deltas) == 10
+    assert deltas[0].delta.role == "assistant"
+    assert all(d.delta.role is None for d in deltas[1:])
+    assert "".join(d.delta.content for d in deltas) == full.choices[0].message.content
+    check_finish_only_last(deltas)
+    assert usage.model_dump() == full.usage.model_dump()
+
+
+def test_raw_sse_framing(server: str) -> None:
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e[6:]) for e in events[:-1]]
+    assert [len(p["choices"]) for p in payloads] == [1, 1, 1, 0]
+    assert payloads[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
+                                     "total_tokens": 6}
+
+
+def test_n2(client: Any) -> None:
+    kwargs = dict(prompt="Roses are", max_tokens=5, n=2, temperature=1.0, seed=7,
+                  extra_body=NO_EOS)
+    out = client.completions.create(model=MODEL, **kwargs)
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert out.usage.completion_tokens == 10
+    chunks, usage = stream_completion(client, stream_options={"include_usage": True}, **kwargs)
+    assert sorted(chunks) == [0, 1]
+    for i in (0, 1):
+        assert len(chunks[i]) == 5
+        check_finish_only_last(chunks[i])
+    assert usage.completion_tokens == 10
+    # A seed makes sampling reproducible, stream or not.
+    assert ["".join(c.text for c in chunks[i]) for i in (0, 1)] == [
+        c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+
+def test_stop_strings(client: Any) -> None:
+    kwargs = dict(prompt="In the beginning", **GREEDY, extra_body=NO_EOS)
+    full = client.completions.create(model=MODEL, max_tokens=24, **kwargs).choices[0].text
+    words = full.split()
+    assert len(words) > 4, full
+    stop = words[len(words) // 2]
+    want = full[:full.index(stop)]
+    out = client.completions.create(model=MODEL, max_tokens=24, stop=[stop, "never-seen"],
+                                    **kwargs)
+    assert out.choices[0].text == want
+    assert out.choices[0].finish_reason == "stop"
+    chunks, usage = stream_completion(client, max_tokens=24, stop=stop,
+                                      stream_options={"include_usage": True}, **kwargs)
+    assert "".join(c.text for c in chunks[0]) == want
+    check_finish_only_last(chunks[0])
+    assert chunks[0][-1].finish_reason == "stop"
+    assert usage.completion_tokens == len(chunks[0]) == out.usage.completion_tokens
+
+
+def test_prompt_forms_and_echo(client: Any, tokenizer: Any) -> None:
+    a, b = tokenizer.encode("Hello there"), tokenizer.encode("General Kenobi, you are")
+    by_text = client.completions.create(model=MODEL, prompt=["Hello there",
+                                                             "General Kenobi, you are"],
+                                        max_tokens=4, **GREEDY, extra_body=NO_EOS)
+    by_ids = client.completions.create(model=MODEL, prompt=[a, b], max_tokens=4, **GREEDY,
+                                       extra_body=NO_EOS)
+    one = client.completions.create(model=MODEL, prompt=b, max_tokens=4, **GREEDY,
+                                    extra_body=NO_EOS)
+    texts = [c.text for c in sorted(by_ids.choices, key=lambda c: c.index)]
+    assert [c.text for c in sorted(by_text.choices, key=lambda c: c.index)] == texts
+    assert one.choices[0].text == texts[1]
+    assert by_ids.usage.prompt_tokens == len(a) + len(b)
+    assert by_ids.usage.completion_tokens == 8
+    echo = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, echo=True,
+                                     **GREEDY, extra_body=NO_EOS)
+    assert echo.choices[0].text == "Hello there" + texts[0]
+
+
+# -- errors ------------------------------------------------------------------------------------
+def _long_prompt() -> list[int]:
+    return [7] * (MAX_MODEL_LEN + 1)
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+ERROR_CASES = {
+    "top_logprobs_21": ("chat", {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+                        "top_logprobs"),
+    "logprobs_21": ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    "usage_without_stream": ("completions", {"prompt": "x",
+                                             "stream_options": {"include_usage": True}},
+                             "stream_options"),
+    "prompt_too_long": ("completions", {"prompt": _long_prompt()}, "prompt"),
+    "prompt_plus_max_tokens_too_long": ("completions", {"prompt": [7] * 500,
+                                                        "max_tokens": 100}, "prompt"),
+    "max_tokens_0": ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    "max_completion_tokens_0": ("chat", {"messages": CHAT, "max_completion_tokens": 0},
+                                "max_completion_tokens"),
+    "temperature_str": ("completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    "max_tokens_str": ("completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    "n_float": ("completions", {"prompt": "x", "n": 1.5}, "n"),
+    "stream_str": ("completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    "prompt_int": ("completions", {"prompt": 5}, "prompt"),
+    "prompt_mixed": ("completions", {"prompt": ["a", [1, 2]]}, "prompt"),
+    "messages_str": ("chat", {"messages": "hi"}, "messages"),
+    "content_int": ("chat", {"messages": [{"role": "user", "content": 3}]}, "messages"),
+    "top_p_0": ("completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    "token_out_of_vocab": ("completions", {"prompt": [10**9]}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_bad_request_400(server: str, client: Any, case: str) -> None:
+    endpoint, body, param = ERROR_CASES[case]
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    r = httpx.post(f"{server}{path}", json={"model": MODEL, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+    ok_request(client)
+
+
+def test_bad_request_via_openai_client(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True,
+                                       top_logprobs=21)
+    assert e.value.status_code == 400
+    ok_request(client)
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "tiny", "prompt": ', b"[1, 2]", b"\xff\xfe"])
+def test_malformed_json_400(server: str, client: Any, raw: bytes) -> None:
+    r = httpx.post(f"{server}/v1/completions", content=raw, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    ok_request(client)
+
+
+def test_unknown_model_404(client: Any) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-17", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    ok_request(client)
+
+
+# -- disconnects and load ----------------------------------------------------------------------
+def test_stream_disconnect_aborts(server: str, client: Any) -> None:
+    before = assert_idle(server)[ABORTS]
+    stream = client.completions.create(model=MODEL, prompt="Go on", stream=True,
+                                       max_tokens=LONG_MAX_TOKENS, extra_body=NO_EOS)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    m = assert_idle(server)
+    assert m[ABORTS] == before + 1
+
+
+def test_nonstream_disconnect_aborts(server: str) -> None:
+    before = assert_idle(server)[ABORTS]
+    body = {"model": MODEL, "prompt": "Go on", "max_tokens": LONG_MAX_TOKENS, "n": 8,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    m = assert_idle(server)
+    assert m[ABORTS] == before + 1
+
+
+NUM_LOAD_REQUESTS = 200
+NUM_DISCONNECTS = 20
+CHUNKS_BEFORE_DISCONNECT = 3
+
+
+async def _load(server: str, jobs: list[dict[str, Any]], leave: set[int]) -> list[str | None]:
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0,
+                                timeout=REQUEST_TIMEOUT_S)
+
+    async def one(i: int) -> str | None:
+        stream = await client.completions.create(model=MODEL, stream=True, **jobs[i])
+        texts = []
+        async for chunk in stream:
+            texts.append(chunk.choices[0].text)
+            if i in leave and len(texts) == CHUNKS_BEFORE_DISCONNECT:
+                await stream.close()
+                return None
+        return "".join(texts)
+
+    try:
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(len(jobs)))),
+                                      REQUEST_TIMEOUT_S)
+    finally:
+        await client.close()
+
+
+def test_load_with_disconnects(server: str, client: Any) -> None:
+    """200 concurrent streams of random lengths, 20 leave midway: every finished stream equals
+    the same request run alone, and afterwards every KV block is free."""
+    rng = random.Random(1234)
+    before = assert_idle(server)[ABORTS]
+    leave = set(rng.sample(range(NUM_LOAD_REQUESTS), NUM_DISCONNECTS))
+    jobs = []
+    for i in range(NUM_LOAD_REQUESTS):
+        prompt = [rng.randrange(10, 40000) for _ in range(rng.randint(1, 48))]
+        max_tokens = LONG_MAX_TOKENS if i in leave else rng.randint(1, 16)
+        jobs.append({"prompt": prompt, "max_tokens": max_tokens, **GREEDY,
+                     "extra_body": NO_EOS if i in leave else {}})
+    streamed = asyncio.run(_load(server, jobs, leave))
+    m = assert_idle(server)
+    assert m[ABORTS] == before + NUM_DISCONNECTS
+    for i, text in enumerate(streamed):
+        if i in leave:
+            continue
+        alone = client.completions.create(model=MODEL, **jobs[i])
+        assert text == alone.choices[0].text, f"request {i} differs from its run alone"
+    assert_idle(server)

@@ -1,0 +1,97 @@
+"""Prefix caching through the engine: shared full blocks are not recomputed, and reusing
+them changes nothing in the output."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import TINY_VOCAB
+
+from tachyon import LLM, SamplingParams
+from tachyon.engine.scheduler import SchedulerOutput
+
+MAX_TOKENS = 8
+
+
+def computed_tokens_per_request(llm: LLM) -> dict[str, int]:
+    """Wrap ``scheduler.schedule``: request id -> tokens it was scheduled to compute."""
+    sched = llm.engine.scheduler
+    counts: dict[str, int] = {}
+    schedule = sched.schedule
+
+    def counting() -> SchedulerOutput:
+        out = schedule()
+        assert out.total_num_tokens == sum(len(r.new_token_ids) for r in out.requests)
+        for r in out.requests:
+            counts[r.request_id] = counts.get(r.request_id, 0) + len(r.new_token_ids)
+        return out
+
+    sched.schedule = counting
+    return counts
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_shared_three_block_prefix_computes_only_the_rest(tiny_llama: str, block_size: int,
+                                                          rng: random.Random) -> None:
+    prefix = [rng.randrange(TINY_VOCAB) for _ in range(3 * block_size)]
+    first = prefix + [rng.randrange(TINY_VOCAB) for _ in range(rng.randint(1, 2 * block_size))]
+    suffix_len = rng.randint(1, 2 * block_size)
+    second = prefix + [rng.randrange(TINY_VOCAB) for _ in range(suffix_len)]
+    second[3 * block_size] = (first[3 * block_size] + 1) % TINY_VOCAB  # diverge right there
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    llm = LLM(model=tiny_llama, device="cpu", block_size=block_size, max_model_len=128)
+    counts = computed_tokens_per_request(llm)
+    llm.generate([first], params, use_tqdm=False)
+    out = llm.generate([second], params, use_tqdm=False)[0]
+
+    # Prefill of the suffix only, then one token per decode step (the last sampled token is
+    # never fed back).
+    assert out.num_cached_tokens == 3 * block_size
+    assert counts[out.request_id] == suffix_len + MAX_TOKENS - 1
+    assert llm.engine.kv.prefix_hits == 3 * block_size
+
+    uncached = LLM(model=tiny_llama, device="cpu", block_size=block_size, max_model_len=128,
+                   enable_prefix_caching=False)
+    ref_counts = computed_tokens_per_request(uncached)
+    ref = uncached.generate([second], params, use_tqdm=False)[0]
+    assert ref.num_cached_tokens == 0
+    assert ref_counts[ref.request_id] == len(second) + MAX_TOKENS - 1
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_identical_prompt_recomputes_at_least_its_last_token(tiny_llama: str,
+                                                            rng: random.Random) -> None:
+    """A prompt of exactly three full blocks, sent twice: the last token is never served from
+    the cache (its logits are needed), so the hit stops one block short."""
+    bs = 4
+    prompt = [rng.randrange(TINY_VOCAB) for _ in range(3 * bs)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    llm = LLM(model=tiny_llama, device="cpu", block_size=bs, max_model_len=128)
+    counts = computed_tokens_per_request(llm)
+    a = llm.generate([prompt], params, use_tqdm=False)[0]
+    b = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert b.num_cached_tokens == 2 * bs
+    assert counts[b.request_id] == bs + MAX_TOKENS - 1
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_generated_tokens_are_cached_too(tiny_llama: str, rng: random.Random) -> None:
+    """Blocks filled by generated tokens are hashed as well: a follow-up prompt that extends
+    a previous prompt + completion (a chat turn) hits them."""
+    bs = 4
+    prompt = [rng.randrange(TINY_VOCAB) for _ in range(2 * bs + 1)]
+    params = SamplingParams(temperature=0.0, max_tokens=3 * bs, ignore_eos=True)
+    llm = LLM(model=tiny_llama, device="cpu", block_size=bs, max_model_len=128)
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    follow = prompt + first.outputs[0].token_ids + [rng.randrange(TINY_VOCAB) for _ in range(3)]
+    out = llm.generate([follow], params, use_tqdm=False)[0]
+    # Every full block of prompt + completion whose K/V was computed: the last sampled token
+    # was never fed back, so it is not in the cache.
+    computed = len(prompt) + len(first.outputs[0].token_ids) - 1
+    assert out.num_cached_tokens == computed // bs * bs
+    uncached = LLM(model=tiny_llama, device="cpu", block_size=bs, max_model_len=128,
+                   enable_prefix_caching=False)
+    ref = uncached.generate([follow], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids

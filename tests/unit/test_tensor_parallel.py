@@ -1,0 +1,235 @@
+"""Tensor parallelism on the CPU: two gloo ranks in worker processes against one rank, against
+HF transformers, and against worker deaths.
+
+The tiny models have 4 query / 2 KV heads (divisible by 2) and a vocabulary of 300, which the
+vocab-parallel embedding pads to 384 (rank 1 holds 108 real rows). Their weights are drawn
+with a large std so greedy choices have a clear margin (>= 0.02 in logits) over the fp32
+noise that splitting the matmuls over ranks adds.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tachyon import LLM, SamplingParams
+
+VOCAB = 300
+MAX_NEW = 12
+TOP_LOGPROBS = 5
+ENGINE_KW = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+                 kv_cache_memory="8MiB", device="cpu")
+# Logprobs differ only by fp32 summation order: TP=2 from TP=1 by <= 3e-5 here, from HF
+# (another attention kernel) by <= 8e-5. Any sharding mistake is off by far more.
+TP_LOGPROB_TOL = 1e-4
+HF_LOGPROB_TOL = 3e-4
+# A worker's death must reach the caller this fast (the driver waits on process sentinels).
+FAIL_FAST_S = 5.0
+
+
+def _save_tiny(path: Path, family: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.5, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:  # Qwen3: q/k norms, explicit head_dim, tied embeddings (as in Qwen3-0.6B)
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
+    model.save_pretrained(path / family, safe_serialization=True)
+    return str(path / family)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tp-models")
+    return {f: _save_tiny(root, f) for f in ("llama", "qwen3")}
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(2, VOCAB, (20,), generator=g).tolist()  # a prefix-cache hit
+    lengths = [3, 17, 40, 9]  # 40 > max_num_batched_tokens: chunked prefill
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths] + [
+        [*shared, 5, 6], [*shared, 7]]
+
+
+@pytest.fixture(scope="module")
+def tp2_engines(models: dict[str, str]) -> dict[str, LLM]:
+    """A TP=2 engine per model, both alive at once (shared by several tests)."""
+    engines = {f: LLM(path, tensor_parallel_size=2, **ENGINE_KW) for f, path in models.items()}
+    yield engines
+    for llm in engines.values():
+        llm.engine.shutdown()
+
+
+def _greedy() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                          logprobs=TOP_LOGPROBS)
+
+
+@functools.cache
+def _hf_model(path: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_greedy(path: str, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    """Reference: HF transformers in float32, full recompute per token."""
+    model = _hf_model(path)
+    ids, out, logprobs = torch.tensor([prompt]), [], []
+    with torch.no_grad():
+        for _ in range(MAX_NEW):
+            lp = torch.log_softmax(model(ids).logits[0, -1].double(), dim=-1)
+            out.append(int(lp.argmax()))
+            logprobs.append(lp)
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    return out, logprobs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_tp2_equals_tp1_and_transformers(family: str, models: dict[str, str],
+                                         prompts: list[list[int]],
+                                         tp2_engines: dict[str, LLM]) -> None:
+    tp1 = LLM(models[family], **ENGINE_KW)
+    want = tp1.generate(prompts, _greedy(), use_tqdm=False)
+    tp1.engine.shutdown()
+    got = tp2_engines[family].generate(prompts, _greedy(), use_tqdm=False)
+    for prompt, a, b in zip(prompts, want, got, strict=True):
+        one, two = a.outputs[0], b.outputs[0]
+        assert two.token_ids == one.token_ids
+        hf_ids, hf_logprobs = _hf_greedy(models[family], prompt)
+        assert two.token_ids == hf_ids
+        for step in range(MAX_NEW):
+            lp1, lp2 = one.logprobs[step], two.logprobs[step]
+            assert lp2.keys() == lp1.keys()
+            for tok, value in lp2.items():
+                assert value == pytest.approx(lp1[tok], abs=TP_LOGPROB_TOL)
+                assert value == pytest.approx(float(hf_logprobs[step][tok]), abs=HF_LOGPROB_TOL)
+
+
+def test_two_engines_side_by_side(tp2_engines: dict[str, LLM],
+                                  prompts: list[list[int]]) -> None:
+    """Two TP engines in one process, used in turns: separate worlds, no shared port."""
+    llama, qwen = tp2_engines["llama"], tp2_engines["qwen3"]
+    assert not set(llama.engine.executor.worker_pids) & set(qwen.engine.executor.worker_pids)
+    first = [llama.generate(prompts[:2], _greedy(), use_tqdm=False),
+             qwen.generate(prompts[:2], _greedy(), use_tqdm=False)]
+    again = [llama.generate(prompts[:2], _greedy(), use_tqdm=False),
+             qwen.generate(prompts[:2], _greedy(), use_tqdm=False)]
+    for a, b in zip(first, again, strict=True):
+        assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert llama.engine.num_free_blocks() == llama.engine.executor.num_blocks
+
+
+def test_seeded_sampling_is_reproducible(tp2_engines: dict[str, LLM],
+                                         prompts: list[list[int]]) -> None:
+    llm = tp2_engines["llama"]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=MAX_NEW)
+    a = llm.generate(prompts[:3], params, use_tqdm=False)
+    b = llm.generate(prompts[:3], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+def test_killed_worker_fails_fast_and_shutdown_cleans_up(models: dict[str, str]) -> None:
+    llm = LLM(models["llama"], tensor_parallel_size=2, **ENGINE_KW)
+    pids = llm.engine.executor.worker_pids
+    llm.generate([[5, 6, 7]], _greedy(), use_tqdm=False)
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"tensor-parallel worker rank 1 died \(exit code -9"):
+        llm.generate([[5, 6, 7]], _greedy(), use_tqdm=False)
+    assert time.monotonic() - start < FAIL_FAST_S
+    with pytest.raises(RuntimeError, match="start a new engine"):  # stays failed, fast
+        llm.generate([[5, 6, 7]], _greedy(), use_tqdm=False)
+    llm.engine.shutdown()
+    assert _wait_gone(pids) == []
+
+
+def test_worker_killed_mid_generate_and_del_cleans_up(models: dict[str, str]) -> None:
+    llm = LLM(models["llama"], tensor_parallel_size=2, **ENGINE_KW)
+    pids = llm.engine.executor.worker_pids
+    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    killer = threading.Timer(0.3, os.kill, (pids[0], signal.SIGKILL))
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"tensor-parallel worker rank 0 died \(exit code -9"):
+        llm.generate([[i + 2] * 4 for i in range(8)], long, use_tqdm=False)
+    assert time.monotonic() - start < 0.3 + FAIL_FAST_S
+    killer.join()
+    del llm
+    gc.collect()
+    assert _wait_gone(pids) == []
+
+
+def test_del_without_shutdown_leaves_no_processes(models: dict[str, str]) -> None:
+    llm = LLM(models["qwen3"], tensor_parallel_size=2, **ENGINE_KW)
+    pids = llm.engine.executor.worker_pids
+    assert all(_alive(p) for p in pids)
+    llm.generate([[5, 6, 7]], _greedy(), use_tqdm=False)
+    del llm
+    gc.collect()
+    assert _wait_gone(pids) == []
+
+
+def test_indivisible_heads_is_a_clear_value_error(models: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match=r"attention heads \(4\) is not divisible by "
+                                         r"tensor_parallel_size \(3\)"):
+        LLM(models["llama"], tensor_parallel_size=3, **ENGINE_KW)
+
+
+def test_torchrun_ranks(models: dict[str, str], prompts: list[list[int]],
+                        tmp_path: Path) -> None:
+    """The env:// mode: torchrun starts both ranks, rank 0 drives, rank 1 serves and exits."""
+    script = tmp_path / "run_tp.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        from tachyon import LLM, SamplingParams
+        llm = LLM({models["llama"]!r}, tensor_parallel_size=2, **{ENGINE_KW!r})
+        # Only rank 0 gets here: the other ranks serve inside LLM() and then exit.
+        assert os.environ["RANK"] == "0"
+        out = llm.generate({prompts!r}, SamplingParams(temperature=0.0, max_tokens={MAX_NEW},
+                                                       ignore_eos=True), use_tqdm=False)
+        print("TOKENS", json.dumps([o.outputs[0].token_ids for o in out]))
+        llm.engine.shutdown()
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS ")]
+    assert len(lines) == 1  # printed by rank 0 only
+    want = [_hf_greedy(models["llama"], p)[0] for p in prompts]
+    assert json.loads(lines[0].removeprefix("TOKENS ")) == want
