@@ -425,6 +425,50 @@ def test_unknown_model_404(client: Any) -> None:
     ok_request(client)
 
 
+# -- metrics and bench ------------------------------------------------------------------------
+def test_metrics_count_exactly(server: str, client: Any) -> None:
+    before = assert_idle(server)
+    prompt = list(range(100, 164))  # four full blocks of 16
+    for _ in range(2):  # the second run finds the prompt in the prefix cache
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, extra_body=NO_EOS)
+    after = assert_idle(server)
+
+    def delta(name: str) -> float:
+        return after[name] - before[name]
+
+    assert delta("tachyon:prompt_tokens_total") == 2 * len(prompt)
+    assert delta("tachyon:generation_tokens_total") == 2 * 5
+    assert delta("tachyon:time_to_first_token_seconds_count") == 2
+    assert delta("tachyon:inter_token_latency_seconds_count") == 2 * 4
+    assert delta("tachyon:e2e_request_latency_seconds_count") == 2
+    assert delta("tachyon:request_success_total{finished_reason=length}") == 2
+    assert delta("tachyon:prefix_cache_hits_total") >= 48
+    assert 0 < after["tachyon:prefix_cache_hit_rate"] <= 1
+
+
+def test_bench_serve(server: str, tmp_path: Path) -> None:
+    from tachyon.bench.serve import main
+
+    out = tmp_path / "bench.json"
+    args = ["--base-url", server, "--dataset", "random", "--num-prompts", "12",
+            "--random-input-len", "16", "--random-output-len", "4", "--random-range-ratio",
+            "0.5", "--request-rate", "50", "--max-concurrency", "4", "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    summary, reqs = result["summary"], result["requests"]
+    assert (summary["completed"], summary["failed"]) == (12, 0)
+    from tachyon.bench.serve import random_workload
+
+    want = random_workload(12, 16, 4, 0.5, 0)
+    assert [r["output_tokens"] for r in reqs] == [w.max_tokens for w in want]
+    assert [r["prompt_len"] for r in reqs] == [len(w.prompt) for w in want]
+    assert all(len(r["itl"]) == r["output_tokens"] - 1 for r in reqs)
+    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+        assert set(summary[key]) == {"mean", "median", "p99"}
+    assert summary["ttft_ms"]["median"] > 0 and summary["output_throughput"] > 0
+    assert_idle(server)
+
+
 # -- disconnects and load ----------------------------------------------------------------------
 def test_stream_disconnect_aborts(server: str, client: Any) -> None:
     before = assert_idle(server)[ABORTS]
@@ -438,12 +482,24 @@ def test_stream_disconnect_aborts(server: str, client: Any) -> None:
     assert m[ABORTS] == before + 1
 
 
+def _wait_running(base: str) -> None:
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while metrics(base)["tachyon:num_requests_running"] == 0:
+        assert time.monotonic() < deadline, "the request never started running"
+        time.sleep(0.02)
+
+
 def test_nonstream_disconnect_aborts(server: str) -> None:
+    """A raw socket, so the client leaves exactly while its request runs."""
     before = assert_idle(server)[ABORTS]
-    body = {"model": MODEL, "prompt": "Go on", "max_tokens": LONG_MAX_TOKENS, "n": 8,
-            "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    body = json.dumps({"model": MODEL, "prompt": "Go on", "max_tokens": LONG_MAX_TOKENS,
+                       "n": 8, "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    port = httpx.URL(server).port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        _wait_running(server)
     m = assert_idle(server)
     assert m[ABORTS] == before + 1
 
@@ -495,3 +551,61 @@ def test_load_with_disconnects(server: str, client: Any) -> None:
         alone = client.completions.create(model=MODEL, **jobs[i])
         assert text == alone.choices[0].text, f"request {i} differs from its run alone"
     assert_idle(server)
+
+
+# -- AsyncLLM on its own -----------------------------------------------------------------------
+def _async_llm(model_dir: Path) -> Any:
+    from tachyon.config import EngineArgs
+    from tachyon.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), kv_cache_memory="8MiB",
+                                                device="cpu"))
+
+
+def test_async_llm_engine_error_reaches_waiters(model_dir: Path) -> None:
+    from tachyon.engine.async_llm import EngineDeadError
+    from tachyon.sampling_params import SamplingParams
+
+    def boom() -> list[Any]:
+        raise RuntimeError("injected step failure")
+
+    async def run() -> None:
+        llm = _async_llm(model_dir)
+        llm.start()
+        try:
+            params = SamplingParams(max_tokens=LONG_MAX_TOKENS, ignore_eos=True)
+            stream = await llm.add_request("r", [[1, 2, 3], [4, 5]], params)
+            first = await asyncio.wait_for(anext(stream), REQUEST_TIMEOUT_S)
+            assert len(first.deltas) == 1
+            llm.engine.step = boom
+            with pytest.raises(EngineDeadError, match="injected"):
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    async for _ in stream:
+                        pass
+            with pytest.raises(EngineDeadError):
+                await llm.add_request("s", [[1]], params)
+            assert not llm.is_running
+        finally:
+            llm.shutdown()
+
+    asyncio.run(run())
+
+
+def test_async_llm_shutdown_wakes_waiters(model_dir: Path) -> None:
+    from tachyon.engine.async_llm import EngineDeadError
+    from tachyon.sampling_params import SamplingParams
+
+    async def run() -> None:
+        llm = _async_llm(model_dir)
+        llm.start()
+        stream = await llm.add_request("r", [[1, 2, 3]], SamplingParams(
+            max_tokens=LONG_MAX_TOKENS, ignore_eos=True))
+        await asyncio.wait_for(anext(stream), REQUEST_TIMEOUT_S)
+        llm.shutdown()
+        assert not llm.is_running
+        with pytest.raises(EngineDeadError):
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                async for _ in stream:
+                    pass
+
+    asyncio.run(run())

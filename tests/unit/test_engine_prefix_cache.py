@@ -95,3 +95,27 @@ def test_generated_tokens_are_cached_too(tiny_llama: str, rng: random.Random) ->
                    enable_prefix_caching=False)
     ref = uncached.generate([follow], params, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_penalties_see_the_whole_history_after_a_prefix_hit(tiny_llama: str,
+                                                            rng: random.Random) -> None:
+    """Repetition / frequency / presence penalties count prompt and output tokens; tokens
+    served from the prefix cache must count like computed ones. Logprobs are taken after
+    the penalties, so their normalisation shows the penalised set exactly."""
+    bs = 4
+    prefix = [rng.randrange(TINY_VOCAB) for _ in range(3 * bs)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0,
+                            repetition_penalty=1.8, frequency_penalty=0.7,
+                            presence_penalty=0.4)
+    prompts = [prefix + [rng.randrange(TINY_VOCAB) for _ in range(3)] for _ in range(2)]
+    cached = LLM(model=tiny_llama, device="cpu", block_size=bs, max_model_len=128)
+    uncached = LLM(model=tiny_llama, device="cpu", block_size=bs, max_model_len=128,
+                   enable_prefix_caching=False)
+    for p in prompts:
+        out = cached.generate([p], params, use_tqdm=False)[0].outputs[0]
+        ref = uncached.generate([p], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ref.token_ids
+        got = [lp[t] for lp, t in zip(out.logprobs, out.token_ids, strict=True)]
+        want = [lp[t] for lp, t in zip(ref.logprobs, ref.token_ids, strict=True)]
+        assert got == pytest.approx(want, abs=1e-5)
+    assert cached.engine.kv.prefix_hits == 3 * bs

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from tachyon.attention.base import AttentionSpec, CommonAttentionMetadata
 from tachyon.attention import flex_backend
+from tachyon.attention.base import AttentionSpec, CommonAttentionMetadata
 from tachyon.attention.flex_backend import Q_BLOCK, FlexAttentionBackend
 from tachyon.attention.torch_backend import TorchAttentionBackend
 

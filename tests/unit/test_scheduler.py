@@ -273,7 +273,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert r.sample == (end == req.num_tokens)
             if r.request_id not in self.runner:
                 assert r.prompt_token_ids == req.prompt_token_ids and r.full_block_ids
-                self.runner[r.request_id] = ([], [])
+                self.runner[r.request_id] = ([], list(r.prompt_token_ids))
             blocks, tokens = self.runner[r.request_id]
             if r.full_block_ids:
                 blocks[:] = r.block_ids

@@ -203,10 +203,38 @@ def test_del_without_shutdown_leaves_no_processes(models: dict[str, str]) -> Non
     assert _wait_gone(pids) == []
 
 
-def test_indivisible_heads_is_a_clear_value_error(models: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match=r"attention heads \(4\) is not divisible by "
-                                         r"tensor_parallel_size \(3\)"):
-        LLM(models["llama"], tensor_parallel_size=3, **ENGINE_KW)
+def test_indivisible_heads_is_a_clear_value_error(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96,
+                      num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(ValueError, match=r"attention heads \(3\) is not divisible by "
+                                         r"tensor_parallel_size \(2\)"):
+        LLM(str(tmp_path), tensor_parallel_size=2, **ENGINE_KW)
+
+
+def test_workers_exit_when_the_driver_is_killed(models: dict[str, str], tmp_path: Path) -> None:
+    """SIGKILL runs no finalizer: the workers notice their parent's end by themselves."""
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from tachyon import LLM
+        if __name__ == "__main__":
+            llm = LLM({models["qwen3"]!r}, tensor_parallel_size=2, **{ENGINE_KW!r})
+            print("PIDS", *llm.engine.executor.worker_pids, flush=True)
+            time.sleep(600)
+    """))
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = driver.stdout.readline()
+        assert line.startswith("PIDS "), line
+        pids = [int(p) for p in line.split()[1:]]
+        assert all(_alive(p) for p in pids)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert _wait_gone(pids, timeout=FAIL_FAST_S) == []
 
 
 def test_torchrun_ranks(models: dict[str, str], prompts: list[list[int]],

@@ -188,6 +188,7 @@ class _SpawnedRanks:
         self._workers = _Workers(self.procs, self.conns, self.store_dir)
         self._finalizer = weakref.finalize(self, self._workers.shut_down)
         self.failure: str | None = None
+        self._ended: set[int] = set()  # ranks whose error or death was reported
         self._pending = False  # a step was sent and its result not yet read
         level = logging.getLogger().getEffectiveLevel()
         try:
@@ -216,11 +217,11 @@ class _SpawnedRanks:
         if self._pending:  # the caller gave up on the last step (Ctrl-C): its result is stale
             self._await_result()
         if not all(p.is_alive() for p in self.procs):
-            self._fail_from_events([])
+            self._fail([])
         try:
             self.conns[0].send_bytes(payload)
         except OSError:  # rank 0 is gone
-            self._fail_from_events([])
+            self._fail([])
         self._pending = True
         result = self._await_result()
         self._pending = False
@@ -236,7 +237,7 @@ class _SpawnedRanks:
         while waiting:
             rank, kind, body = self._next_event()
             if kind != "ready":
-                self._fail_from_events([(rank, kind, body)], starting=True)
+                self._fail([(rank, kind, body)], starting=True)
             waiting.discard(rank)
             if rank == 0:
                 first = body
@@ -246,58 +247,71 @@ class _SpawnedRanks:
     def _await_result(self) -> ModelRunnerOutput:
         rank, kind, body = self._next_event()
         if kind != "result":
-            self._fail_from_events([(rank, kind, body)])
+            self._fail([(rank, kind, body)])
         return body
 
     def _next_event(self, timeout: float | None = None) -> tuple[int, str, Any]:
-        """The next message from any rank, or (rank, "died", exit code) for a rank that ended
-        without one; (-1, "timeout", None) after ``timeout`` seconds."""
-        while True:
-            for rank, conn in enumerate(self.conns):
-                if conn.poll():  # messages first: a failing rank reports, then exits
+        """The next message from a rank, (rank, "died", exit code) for a rank that ended
+        without one, or (-1, "timeout", None) after ``timeout`` seconds or with no rank left.
+        A rank's end (its error or its death) is reported once."""
+        live = [r for r in range(len(self.procs)) if r not in self._ended]
+        while live:
+            for r in live:
+                if self.conns[r].poll():  # messages first: a failing rank reports, then exits
                     try:
-                        return (rank, *conn.recv())
+                        kind, body = self.conns[r].recv()
                     except (EOFError, OSError):
-                        return rank, "died", self._exit_code(rank)
-            for rank, p in enumerate(self.procs):
-                if not p.is_alive():
-                    return rank, "died", p.exitcode
-            if not wait(self.conns + [p.sentinel for p in self.procs], timeout):
-                return -1, "timeout", None
+                        self._ended.add(r)
+                        self.procs[r].join(FAILURE_SETTLE_S)  # pipe closed: it is ending
+                        return r, "died", self.procs[r].exitcode
+                    if kind == "error":
+                        self._ended.add(r)
+                    return r, kind, body
+            for r in live:
+                if not self.procs[r].is_alive():
+                    self._ended.add(r)
+                    return r, "died", self.procs[r].exitcode
+            ready = wait([self.conns[r] for r in live] + [self.procs[r].sentinel for r in live],
+                         timeout)
+            if not ready:
+                break
+        return -1, "timeout", None
 
-    def _exit_code(self, rank: int) -> int | None:
-        self.procs[rank].join(FAILURE_SETTLE_S)  # its pipe closed: the process is ending
-        return self.procs[rank].exitcode
-
-    def _fail_from_events(self, events: list[tuple[int, str, Any]],
-                          starting: bool = False) -> None:
-        """Collect every rank's failure for a moment, stop all workers, and raise one error
-        that names each failed rank (deaths first: peers' errors usually follow from them)."""
+    def _fail(self, events: list[tuple[int, str, Any]], starting: bool = False) -> None:
+        """Gather the other ranks' reports for a moment, stop every worker, and raise one
+        error naming each failed rank, deaths first (peers' errors usually follow from them).
+        """
         deadline = time.monotonic() + FAILURE_SETTLE_S
-        seen = {rank for rank, _, _ in events}
-        while len(seen) < len(self.procs) and (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0:
             rank, kind, body = self._next_event(timeout=left)
             if kind == "timeout":
                 break
-            if rank not in seen and kind in ("error", "died"):
-                events.append((rank, kind, body))
-                seen.add(rank)
-            elif kind == "died":  # already reported; keep polling the others
-                seen.add(rank)
+            events.append((rank, kind, body))
         self._workers.serving = False  # no clean stop: ranks may be stuck in a collective
         self._finalizer()
-        deaths = [f"tensor-parallel worker rank {r} died ({_describe_exit(code)})"
-                  for r, kind, code in sorted(events) if kind == "died"]
-        errors = [(r, exc, tb) for r, kind, (exc, tb) in sorted(
-            (e for e in events if e[1] == "error"), key=lambda e: e[0])]
-        if starting and errors and isinstance(errors[0][1], ValueError):
-            # Bad input (e.g. heads not divisible by the TP size): the same ValueError as TP=1.
-            raise ValueError(f"{errors[0][1]} (tensor-parallel rank {errors[0][0]})")
-        parts = deaths + [f"tensor-parallel worker rank {r} failed: {type(exc).__name__}: {exc}"
-                          for r, exc, _ in errors]
+        deaths = sorted((r, code) for r, kind, code in events if kind == "died")
+        errors: list[tuple[int, _RemoteError]] = sorted(
+            ((r, err) for r, kind, err in events if kind == "error"), key=lambda e: e[0])
+        if starting and errors and errors[0][1].bad_input:
+            # e.g. heads not divisible by the TP size: the ValueError a user can act on
+            raise ValueError(f"{errors[0][1].message} (tensor-parallel rank {errors[0][0]})")
+        parts = [f"tensor-parallel worker rank {r} died ({_describe_exit(code)})"
+                 for r, code in deaths]
+        parts += [f"tensor-parallel worker rank {r} failed: {e.type_name}: {e.message}"
+                  for r, e in errors]
         self.failure = "; ".join(parts) or "tensor-parallel workers stopped"
-        detail = f"\n\nrank {errors[0][0]} traceback:\n{errors[0][2]}" if errors else ""
+        detail = f"\n\nrank {errors[0][0]} {errors[0][1].traceback}" if errors else ""
         raise RuntimeError(self.failure + detail)
+
+
+@dataclass(frozen=True)
+class _RemoteError:
+    """A worker's exception as text: the exception object itself may not unpickle here."""
+
+    type_name: str
+    message: str
+    traceback: str
+    bad_input: bool  # a ValueError: the driver re-raises it as one
 
 
 @dataclass
@@ -383,13 +397,9 @@ def _drive(worker: TPWorker, conn: Connection) -> None:
 
 
 def _report(conn: Connection, e: BaseException) -> None:
-    tb = traceback.format_exc()
-    try:
-        pickle.dumps(e)
-    except Exception:
-        e = RuntimeError(f"{type(e).__name__}: {e}")
+    err = _RemoteError(type(e).__name__, str(e), traceback.format_exc(), isinstance(e, ValueError))
     with contextlib.suppress(OSError):  # the driver is gone: nobody to tell
-        conn.send(("error", (e, tb)))
+        conn.send(("error", err))
 
 
 def _exit_with_parent() -> None:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tachyon.layers.fused import norm_rope, rope_ref, use_triton
+
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
     """Read rope settings from transformers 5 (``rope_parameters``) or 4 (``rope_theta``...)."""
@@ -50,14 +52,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated copies."""
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated copies, after the optional per-head
+        RMSNorms (Qwen3), fused into one kernel per tensor on CUDA."""
+        if use_triton(q):
+            qw, kw = (q_norm.weight, k_norm.weight) if q_norm is not None else (None, None)
+            eps = q_norm.eps if q_norm is not None else 0.0
+            return (norm_rope(positions, q, self.cos_sin_cache, qw, eps),
+                    norm_rope(positions, k, self.cos_sin_cache, kw, eps))
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        return rope_ref(positions, q, k, self.cos_sin_cache)

@@ -53,9 +53,7 @@ class LlamaAttention(nn.Module):
         t = hidden.shape[0]
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
         out = self.attn(q.reshape(t, self.q_size), k.reshape(t, self.kv_size), v)
         return self.o_proj(out)
 

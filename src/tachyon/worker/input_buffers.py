@@ -49,3 +49,34 @@ class InputBuffers:
         self.dev_i64.copy_(self.host_i64, non_blocking=True)
         n32 = 2 * self.max_num_seqs + 1 + num_reqs * self.max_blocks_per_seq
         self.dev_i32[:n32].copy_(self.host_i32[:n32], non_blocking=True)
+
+
+class SamplingBuffers:
+    """Per-request sampling parameters for one step, staged in pinned memory and sent with a
+    single asynchronous copy per dtype before the forward pass is queued."""
+
+    FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty")
+
+    def __init__(self, max_num_seqs: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        n = len(self.FLOAT_FIELDS)
+        self.host_f = torch.zeros((n, max_num_seqs), dtype=torch.float32, pin_memory=pin)
+        self.host_k = torch.zeros(max_num_seqs, dtype=torch.int32, pin_memory=pin)
+        self.dev_f = torch.zeros_like(self.host_f, device=device)
+        self.dev_k = torch.zeros_like(self.host_k, device=device)
+        self.np_f, self.np_k = self.host_f.numpy(), self.host_k.numpy()
+
+    def stage(self, rows: dict[str, list[float]], top_k: list[int]) -> None:
+        k = len(top_k)
+        for i, name in enumerate(self.FLOAT_FIELDS):
+            self.np_f[i, :k] = rows[name]
+        self.np_k[:k] = top_k
+        self.dev_f[:, :k].copy_(self.host_f[:, :k], non_blocking=True)
+        self.dev_k[:k].copy_(self.host_k[:k], non_blocking=True)
+
+    def field(self, name: str, k: int) -> torch.Tensor:
+        return self.dev_f[self.FLOAT_FIELDS.index(name), :k]
+
+    def top_k(self, k: int) -> torch.Tensor:
+        return self.dev_k[:k]

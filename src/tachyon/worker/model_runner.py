@@ -25,6 +25,7 @@ from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.layers.sampler import Sampler, SamplingMetadata
 from tachyon.loader.loader import load_model
 from tachyon.sampling_params import SamplingParams
+from tachyon.worker.input_buffers import InputBuffers, SamplingBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,11 @@ class ModelRunner:
             dtype=mc.dtype, device=device,
         )
         self.backend = get_backend_class(config.attention_backend, device)(self.attn_spec)
-        from tachyon.worker.input_buffers import InputBuffers
 
         self.buffers = InputBuffers(self.max_num_tokens, self.max_num_seqs,
                                     self.attn_spec.max_blocks_per_seq, device)
         self.sampler = Sampler()
+        self.sampling_buffers = SamplingBuffers(self.max_num_seqs, device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, RequestState] = {}
         self.vocab_size = int(mc.hf_config.vocab_size)
@@ -173,8 +174,9 @@ class ModelRunner:
         self.buffers.copy_to_device(plan.padded_reqs)
         common = self._common_metadata(plan)
         metadata = self.backend.build_metadata(common)
+        sampling = self._sampling_metadata(plan) if plan.sample_rows else None
         hidden = self._run_model(plan, metadata)
-        result = self._sample(out, plan, hidden)
+        result = self._sample(plan, hidden, sampling)
         result.step_seconds = time.perf_counter() - start
         return result
 
@@ -264,7 +266,10 @@ class ModelRunner:
             if params.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(params.seed)
-            st = RequestState(len(s.prompt_token_ids), params, [], [], gen)
+            # Start from the whole prompt: a prefix-cache hit skips computing its head, but
+            # penalties still count those tokens.
+            st = RequestState(len(s.prompt_token_ids), params, list(s.prompt_token_ids), [],
+                              gen)
             self.states[s.request_id] = st
         if s.full_block_ids:
             st.block_ids = list(s.block_ids)
@@ -291,14 +296,13 @@ class ModelRunner:
         )
 
     # -- sampling ------------------------------------------------------------------------
-    def _sample(self, out: SchedulerOutput, plan: StepPlan, hidden: torch.Tensor
-                ) -> ModelRunnerOutput:
-        if not plan.sample_rows:
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor,
+                meta: SamplingMetadata | None) -> ModelRunnerOutput:
+        if meta is None:
             return ModelRunnerOutput([], [])
         k = len(plan.sample_rows)
         logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
         states = [self.states[rid] for rid in plan.sample_ids]
-        meta = self._sampling_metadata(states)
         res = self.sampler(logits, meta)
         ids = res.sampled_token_ids.tolist()  # the one device->host copy of the step
         logprobs = None
@@ -311,36 +315,36 @@ class ModelRunner:
                                 if st.params.logprobs is not None else [])
         return ModelRunnerOutput(plan.sample_ids, ids, logprobs)
 
-    def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
-        dev = self.device
+    def _sampling_metadata(self, plan: StepPlan) -> SamplingMetadata:
+        """Stage the step's sampling parameters; their copies are queued before the forward."""
+        states = [self.states[rid] for rid in plan.sample_ids]
         ps = [st.params for st in states]
-        temps = [p.temperature for p in ps]
-        all_greedy = all(t == 0.0 for t in temps)
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        top_k = tensor([p.top_k for p in ps], torch.int32) if any(p.top_k for p in ps) else None
-        top_p = tensor([p.top_p for p in ps], torch.float32) if any(
-            p.top_p < 1.0 for p in ps) else None
-        min_p = tensor([p.min_p for p in ps], torch.float32) if any(
-            p.min_p > 0.0 for p in ps) else None
+        k = len(ps)
+        rows = {name: [getattr(p, name) for p in ps] for name in SamplingBuffers.FLOAT_FIELDS}
+        top_ks = [p.top_k for p in ps]
+        self.sampling_buffers.stage(rows, top_ks)
+        sb = self.sampling_buffers
+        any_top_p = any(v < 1.0 for v in rows["top_p"])
         gens = {i: st.generator for i, st in enumerate(states) if st.generator is not None}
         pen = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                   for p in ps)
-        prompt_ids = output_ids = pres = freq = rep = None
-        if pen:
-            pres = tensor([p.presence_penalty for p in ps], torch.float32)
-            freq = tensor([p.frequency_penalty for p in ps], torch.float32)
-            rep = tensor([p.repetition_penalty for p in ps], torch.float32)
-            prompt_ids = self._padded([st.token_ids[: st.prompt_len] for st in states])
-            output_ids = self._padded([st.token_ids[st.prompt_len:] for st in states])
         wants = [p.logprobs for p in ps if p.logprobs is not None]
         return SamplingMetadata(
-            temperature=tensor(temps, torch.float32), all_greedy=all_greedy, top_k=top_k,
-            top_p=top_p, min_p=min_p, generators=gens, presence_penalty=pres,
-            frequency_penalty=freq, repetition_penalty=rep, prompt_token_ids=prompt_ids,
-            output_token_ids=output_ids, max_num_logprobs=max(wants) if wants else None,
+            temperature=sb.field("temperature", k),
+            all_greedy=all(t == 0.0 for t in rows["temperature"]),
+            top_k=sb.top_k(k) if any(top_ks) else None,
+            top_p=sb.field("top_p", k) if any_top_p else None,
+            min_p=sb.field("min_p", k) if any(v > 0.0 for v in rows["min_p"]) else None,
+            generators=gens,
+            presence_penalty=sb.field("presence_penalty", k) if pen else None,
+            frequency_penalty=sb.field("frequency_penalty", k) if pen else None,
+            repetition_penalty=sb.field("repetition_penalty", k) if pen else None,
+            prompt_token_ids=self._padded([st.token_ids[: st.prompt_len] for st in states])
+            if pen else None,
+            output_token_ids=self._padded([st.token_ids[st.prompt_len:] for st in states])
+            if pen else None,
+            max_num_logprobs=max(wants) if wants else None,
+            max_top_k=max(top_ks) if any(top_ks) and not any_top_p else None,
         )
 
     def _padded(self, rows: list[list[int]]) -> torch.Tensor:
