@@ -337,6 +337,21 @@ def test_stop_strings(client: Any) -> None:
     assert usage.completion_tokens == len(chunks[0]) == out.usage.completion_tokens
 
 
+def test_stop_string_across_tokens_never_leaks(client: Any) -> None:
+    """A stop string that begins in one token and ends in the next: the stream must hold the
+    first half back until it knows, and never emit it."""
+    kwargs = dict(prompt="Long ago", max_tokens=24, **GREEDY, extra_body=NO_EOS)
+    full = client.completions.create(model=MODEL, logprobs=0, **kwargs).choices[0]
+    tokens = full.logprobs.tokens
+    i = next(i for i in range(len(tokens) // 2, len(tokens) - 1)
+             if len(tokens[i]) >= 2 and len(tokens[i + 1]) >= 2)
+    stop = tokens[i][-2:] + tokens[i + 1][:2]
+    want = full.text[:full.text.index(stop)]
+    chunks, _ = stream_completion(client, stop=stop, **kwargs)
+    assert "".join(c.text for c in chunks[0]) == want
+    assert chunks[0][-1].finish_reason == "stop"
+
+
 def test_prompt_forms_and_echo(client: Any, tokenizer: Any) -> None:
     a, b = tokenizer.encode("Hello there"), tokenizer.encode("General Kenobi, you are")
     by_text = client.completions.create(model=MODEL, prompt=["Hello there",

@@ -152,6 +152,8 @@ class FlexAttentionBackend(AttentionBackend):
         # A row never holds more than min(Q_BLOCK * pages, num_blocks) distinct pages; the extra
         # last column receives the de-duplicated-away entries of the packing scatter.
         self._width = min(Q_BLOCK * m, num_blocks) + 1
+        if self.compiled and dev.type == "cpu":
+            self._width = num_blocks + 1  # Inductor's C++ template wants a row per KV block
         self._kv_indices = torch.zeros(self.max_q_blocks, self._width, dtype=torch.int32,
                                        device=dev)
         self._block_masks.clear()

@@ -228,6 +228,7 @@ class _SpawnedRanks:
         return result
 
     def close(self) -> None:
+        self.failure = self.failure or "the engine was shut down"
         self._finalizer()
 
     # -- waiting on the workers ----------------------------------------------------------------
@@ -363,7 +364,7 @@ def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
     logging.basicConfig(level=log_level if rank == 0 else max(log_level, logging.WARNING),
                         format=f"%(levelname)s [tp{rank}] %(name)s: %(message)s")
     if config.device == "cpu":  # ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
         worker = TPWorker(config, rank, world, rank, init_method)
         conn.send(("ready", (worker.num_blocks, worker.startup_report)))

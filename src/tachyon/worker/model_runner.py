@@ -355,6 +355,7 @@ class ModelRunner:
         return torch.from_numpy(arr).to(self.device, non_blocking=True)
 
     # -- graphs --------------------------------------------------------------------------
+    @torch.inference_mode()  # as at run time: dynamo guards on the grad mode
     def init_graphs(self) -> str:
         """Resolve the CUDA graph mode against the backend, capture, and return the start-up
         report line."""
