@@ -65,6 +65,8 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._seq_owner: dict[str, tuple[_Parent, _Sequence]] = {}
         self._ids = itertools.count()
+        # Streaming callers want an output per new token; batch callers only final ones.
+        self.emit_unfinished = True
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                       "preemptions": 0, "requests_finished": 0}
         self.startup_seconds = time.perf_counter() - start
@@ -180,7 +182,8 @@ class LLMEngine:
         if stopped:  # stop strings: finish in the scheduler so the blocks are freed now
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self.stats["generation_tokens"] += len(progressed)
-        return [self._make_output(p, now) for p in touched.values()]
+        return [self._make_output(p, now) for p in touched.values()
+                if self.emit_unfinished or p.finished]
 
     def _on_token(self, seq: _Sequence, req: Request, lps: list[tuple[int, float]] | None,
                   now: float, stopped: list[str]) -> None:

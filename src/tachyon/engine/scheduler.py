@@ -160,17 +160,18 @@ class Scheduler:
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
         rid = req.request_id
-        blocks = self.kv.block_ids(rid)
+        blocks = self.kv.req_blocks.get(rid, ())
         first = rid not in self._known_to_runner
         resumed = rid not in self._block_counts
         sent = 0 if resumed else self._block_counts[rid]
         self._block_counts[rid] = len(blocks)
+        new_blocks = [b.block_id for b in blocks[sent:]] if sent < len(blocks) else []
         self._known_to_runner.add(rid)
         return ScheduledRequest(
             request_id=rid,
             new_token_ids=req.all_token_ids[start:start + n],
             num_computed_tokens=start,
-            block_ids=blocks[sent:],
+            block_ids=new_blocks,
             full_block_ids=resumed,
             sample=start + n == req.num_tokens,
             prompt_token_ids=req.prompt_token_ids if first else None,

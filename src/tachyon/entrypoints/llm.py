@@ -81,6 +81,7 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
+        self.engine.emit_unfinished = False
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -97,6 +98,7 @@ class LLM:
             self.engine.abort_request(ids)
             raise
         finally:
+            self.engine.emit_unfinished = True
             if bar is not None:
                 bar.close()
         return [done[i] for i in ids]

@@ -41,6 +41,8 @@ class RequestState:
     token_ids: list[int]  # tokens whose K/V is computed or being computed
     block_ids: list[int]
     generator: torch.Generator | None
+    row: int = -1  # block-table row it occupied last step
+    row_blocks: int = 0  # how many of its block ids that row already holds
 
 
 @dataclass
@@ -89,6 +91,7 @@ class ModelRunner:
                                     self.attn_spec.max_blocks_per_seq, device)
         self.sampler = Sampler()
         self.sampling_buffers = SamplingBuffers(self.max_num_seqs, device)
+        self._row_owners: list[RequestState | None] = [None] * self.max_num_seqs
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, RequestState] = {}
         self.vocab_size = int(mc.hf_config.vocab_size)
@@ -205,16 +208,22 @@ class ModelRunner:
         plan = StepPlan(num_tokens, num_reqs, padded_tokens, padded_reqs, mode, out.uniform_decode)
         pos = 0
         b.np_query_start_loc[0] = 0
+        ids, positions, slots = b.np_input_ids, b.np_positions, b.np_slot_mapping
         for row, s in enumerate(out.requests):
             st = self._update_state(s)
             n = len(s.new_token_ids)
             start = s.num_computed_tokens
-            b.np_input_ids[pos:pos + n] = s.new_token_ids
-            positions = np.arange(start, start + n)
-            b.np_positions[pos:pos + n] = positions
-            blocks = np.asarray(st.block_ids, dtype=np.int64)
-            b.np_slot_mapping[pos:pos + n] = blocks[positions // bs] * bs + positions % bs
-            b.np_block_table[row, :len(st.block_ids)] = st.block_ids
+            if n == 1:  # decode: scalar writes, no temporary arrays
+                ids[pos] = s.new_token_ids[0]
+                positions[pos] = start
+                slots[pos] = st.block_ids[start // bs] * bs + start % bs
+            else:
+                ids[pos:pos + n] = s.new_token_ids
+                p = np.arange(start, start + n)
+                positions[pos:pos + n] = p
+                slots[pos:pos + n] = np.asarray(st.block_ids, dtype=np.int64)[p // bs] * bs \
+                    + p % bs
+            self._write_block_row(row, st)
             b.np_seq_lens[row] = start + n
             pos += n
             b.np_query_start_loc[row + 1] = pos
@@ -224,6 +233,17 @@ class ModelRunner:
                 plan.sample_ids.append(s.request_id)
         self._pad(num_tokens, num_reqs, padded_tokens, padded_reqs)
         return plan
+
+    def _write_block_row(self, row: int, st: RequestState) -> None:
+        """Rows are rewritten only when a request moved rows; otherwise only new blocks go in.
+        (Stale ids beyond a request's blocks are never read: lengths bound every access.)"""
+        table = self.buffers.np_block_table
+        if self._row_owners[row] is not st or st.row != row or st.row_blocks > len(st.block_ids):
+            st.row, st.row_blocks = row, 0
+            self._row_owners[row] = st
+        if st.row_blocks < len(st.block_ids):
+            table[row, st.row_blocks:len(st.block_ids)] = st.block_ids[st.row_blocks:]
+            st.row_blocks = len(st.block_ids)
 
     def _pad(self, num_tokens: int, num_reqs: int, padded_tokens: int, padded_reqs: int) -> None:
         """Padding contract: padded tokens write nowhere (slot -1); padded requests have no
@@ -238,6 +258,7 @@ class ModelRunner:
             b.np_query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + takes
             b.np_seq_lens[num_reqs:padded_reqs] = 0
             b.np_block_table[num_reqs:padded_reqs] = 0
+            self._row_owners[num_reqs:padded_reqs] = [None] * extra
 
     def stage_dummy(self, num_tokens: int, num_reqs: int, uniform_decode: bool,
                     mode: RuntimeMode) -> StepPlan:
@@ -250,6 +271,7 @@ class ModelRunner:
         b.np_query_start_loc[1:num_reqs + 1] = np.cumsum(lens)
         b.np_seq_lens[:num_reqs] = lens
         b.np_block_table[:num_reqs] = 0
+        self._row_owners[:num_reqs] = [None] * num_reqs
         b.np_input_ids[:num_tokens] = 0
         b.np_positions[:num_tokens] = 0
         b.np_slot_mapping[:num_tokens] = -1
@@ -273,6 +295,7 @@ class ModelRunner:
             self.states[s.request_id] = st
         if s.full_block_ids:
             st.block_ids = list(s.block_ids)
+            st.row = -1  # block list replaced (resumed after preemption): rewrite its row
         else:
             st.block_ids.extend(s.block_ids)
         del st.token_ids[s.num_computed_tokens:]
