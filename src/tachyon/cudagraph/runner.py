@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class CUDAGraphRunner:
-    def __init__(self, runner: ModelRunner, mode: CUDAGraphMode, emulate: bool = False) -> None:
+    def __init__(self, runner: ModelRunner, mode: CUDAGraphMode, emulate: bool = False,
+                 compiled: Any = None) -> None:
         self.runner = runner
         self.mode = mode
         cfg = runner.config.compilation
@@ -38,8 +39,8 @@ class CUDAGraphRunner:
         self.impl = EmulatedGraphs() if emulate else CudaGraphs()
         self.full: dict[BatchDescriptor, CapturedGraph] = {}
         self.piecewise: dict[int, BreakableGraph] = {}
-        self.compiled = None
-        if mode.has_piecewise() and cfg.piecewise_backend == "compile":
+        self.compiled = compiled
+        if self.compiled is None and mode.has_piecewise() and cfg.piecewise_backend == "compile":
             from tachyon.cudagraph.compiled import CompiledPiecewiseModel
 
             self.compiled = CompiledPiecewiseModel(runner.model, runner.buffers, self.impl, cfg.cache_dir,
@@ -99,6 +100,16 @@ class CUDAGraphRunner:
         n = len(self.full) + len(self.piecewise) + (
             self.compiled.num_graphs() if self.compiled is not None else 0)
         return n, seconds, pool_mib
+
+    def release(self) -> Any:
+        """Drop every captured graph (their pool memory returns to the allocator); returns the
+        compiled model, if any, for reuse."""
+        self.full.clear()
+        self.piecewise.clear()
+        if self.compiled is not None:
+            for piece in self.compiled.pieces:
+                piece.graphs.clear()
+        return self.compiled
 
     def _context(self, desc: BatchDescriptor, mode: RuntimeMode) -> ForwardContext:
         r = self.runner

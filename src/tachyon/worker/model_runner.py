@@ -19,7 +19,7 @@ import torch
 from tachyon.attention.base import AttentionSpec, CommonAttentionMetadata
 from tachyon.attention.registry import get_backend_class
 from tachyon.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from tachyon.cudagraph.modes import RuntimeMode
+from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
 from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.layers.sampler import Sampler, SamplingMetadata
@@ -96,6 +96,8 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.vocab_size = int(mc.hf_config.vocab_size)
         self.graph_runner = None  # set by init_graphs (cudagraph package) after the KV cache
+        self._compiled_model = None  # torch.compile'd model kept from the trial capture
+        self.cudagraph_mode = self._resolve_graph_mode()
 
     # -- memory --------------------------------------------------------------------------
     @property
@@ -128,7 +130,7 @@ class ModelRunner:
         # Memory used by others (other processes, CUDA context) counts against the budget.
         used_elsewhere = total - free - torch.cuda.memory_reserved()
         budget = total * self.config.cache.gpu_memory_utilization - used_elsewhere - peak
-        budget -= self.graph_memory_reserve()
+        budget -= self._measure_graph_memory()
         blocks = int(budget // self.kv_bytes_per_block)
         if blocks < 1:
             raise ValueError(
@@ -137,9 +139,27 @@ class ModelRunner:
             )
         return blocks
 
-    def graph_memory_reserve(self) -> int:
-        """Bytes set aside for CUDA graph pools, measured by the graph runner when it exists."""
-        return 0
+    def _measure_graph_memory(self) -> int:
+        """Capture every graph once against a one-block KV cache and measure the pool, so the
+        real KV cache is sized with the graphs' memory already taken out. The compiled model
+        (if any) is kept for the real capture; the trial graphs are dropped."""
+        if self.cudagraph_mode is CUDAGraphMode.NONE or self.device.type != "cuda":
+            return 0
+        from tachyon.cudagraph.runner import CUDAGraphRunner
+
+        self.allocate_kv_cache(1)
+        trial = CUDAGraphRunner(self, self.cudagraph_mode)
+        torch.cuda.synchronize()
+        before = torch.cuda.mem_get_info()[0]
+        trial.capture_all()
+        torch.cuda.synchronize()
+        used = max(0, before - torch.cuda.mem_get_info()[0])
+        self._compiled_model = trial.release()
+        self.kv_caches = []
+        gc.collect()
+        torch.cuda.empty_cache()
+        logger.info("CUDA graphs need %.0f MiB (measured by a trial capture)", used / 2**20)
+        return used
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -378,30 +398,35 @@ class ModelRunner:
         return torch.from_numpy(arr).to(self.device, non_blocking=True)
 
     # -- graphs --------------------------------------------------------------------------
-    @torch.inference_mode()  # as at run time: dynamo guards on the grad mode
-    def init_graphs(self) -> str:
-        """Resolve the CUDA graph mode against the backend, capture, and return the start-up
-        report line."""
-        from tachyon.cudagraph.modes import CUDAGraphMode, resolve_cudagraph_mode
-
+    def _resolve_graph_mode(self) -> CUDAGraphMode:
+        """Meet the requested mode with the backend's support level, at start-up: a request
+        no downgrade can serve fails here, before any memory is spent."""
         # Graph replay can be emulated on a CPU (tests): see tachyon.cudagraph.graph_impl.
-        emulate = self.device.type != "cuda" and os.environ.get(ENV_EMULATE_GRAPHS) == "1"
-        on_cuda = self.device.type == "cuda" or emulate
+        self._emulate_graphs = (self.device.type != "cuda"
+                                and os.environ.get(ENV_EMULATE_GRAPHS) == "1")
+        on_cuda = self.device.type == "cuda" or self._emulate_graphs
         requested = self.config.compilation.cudagraph_mode or (
             CUDAGraphMode.FULL_AND_PIECEWISE if on_cuda else CUDAGraphMode.NONE)
         res = resolve_cudagraph_mode(requested, self.backend.name,
                                      self.backend.cudagraph_support, on_cuda)
         if res.warning:
             logger.warning(res.warning)
-        self.cudagraph_mode = res.mode
+        return res.mode
+
+    @torch.inference_mode()  # as at run time: dynamo guards on the grad mode
+    def init_graphs(self) -> str:
+        """Resolve the CUDA graph mode against the backend, capture, and return the start-up
+        report line."""
         num_graphs, seconds, pool_mib = 0, 0.0, 0.0
-        if res.mode is not CUDAGraphMode.NONE:
+        mode = self.cudagraph_mode
+        if mode is not CUDAGraphMode.NONE:
             from tachyon.cudagraph.runner import CUDAGraphRunner
 
-            self.graph_runner = CUDAGraphRunner(self, res.mode, emulate=emulate)
+            self.graph_runner = CUDAGraphRunner(self, mode, emulate=self._emulate_graphs,
+                                                compiled=self._compiled_model)
             num_graphs, seconds, pool_mib = self.graph_runner.capture_all()
         self.graph_stats = {
-            "cudagraph_mode": res.mode.value, "backend": self.backend.name,
+            "cudagraph_mode": mode.value, "backend": self.backend.name,
             "piecewise_backend": self.config.compilation.piecewise_backend,
             "graphs": num_graphs, "capture_s": round(seconds, 3),
             "pool_mib": round(pool_mib, 1), "kv_blocks": self.num_blocks,
