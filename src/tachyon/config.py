@@ -37,7 +37,8 @@ def parse_memory_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read memory size {text!r}; write it like '2GiB', '512MiB' or bytes")
+        raise ValueError(
+            f"cannot read memory size {text!r}; write it like '2GiB', '512MiB' or bytes")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
@@ -151,7 +152,8 @@ class EngineArgs:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(
-                f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+                f"unknown engine argument(s): {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}"
             )
         return cls(**kwargs)
 
@@ -245,9 +247,11 @@ class EngineArgs:
             try:
                 raw = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise ValueError(f"--compilation-config is not valid JSON ({e.msg}): {raw!r}") from e
+                raise ValueError(
+                    f"--compilation-config is not valid JSON ({e.msg}): {raw!r}") from e
         if not isinstance(raw, dict):
-            raise ValueError("--compilation-config must be a JSON object, e.g. '{\"cudagraph_mode\": \"FULL\"}'")
+            raise ValueError(
+                "--compilation-config must be a JSON object, e.g. '{\"cudagraph_mode\": \"FULL\"}'")
         unknown = sorted(set(raw) - _COMPILATION_KEYS)
         if unknown:
             raise ValueError(

@@ -42,5 +42,6 @@ def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
 
 def get_forward_context() -> ForwardContext:
     if _CONTEXT is None:
-        raise RuntimeError("attention ran outside set_forward_context(); call the model via ModelRunner")
+        raise RuntimeError(
+            "attention ran outside set_forward_context(); call the model via ModelRunner")
     return _CONTEXT

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import TINY_SPECS, TINY_VOCAB
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine
 from tachyon.sampling_params import SamplingParams
-
-from conftest import TINY_SPECS, TINY_VOCAB
 
 REL_TOL = 1e-4
 GGUF_REL_TOL = 1e-3

@@ -4,8 +4,8 @@ what else runs next to it, on chunked prefill, or on being preempted and recompu
 from __future__ import annotations
 
 import random
-from conftest import TINY_VOCAB
 
+from conftest import TINY_VOCAB
 from tachyon import LLM, SamplingParams
 from tachyon.engine.scheduler import SchedulerOutput
 

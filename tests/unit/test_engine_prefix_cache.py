@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import TINY_VOCAB
 
+from conftest import TINY_VOCAB
 from tachyon import LLM, SamplingParams
 from tachyon.engine.scheduler import SchedulerOutput
 

@@ -5,7 +5,6 @@ while a fake K/V store checks that every request always reads its own history.""
 from __future__ import annotations
 
 import pytest
-from conftest import FakeKVContent, check_kv_invariants
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -17,6 +16,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from conftest import FakeKVContent, check_kv_invariants
 from tachyon.engine import kv_cache_manager as kvm
 from tachyon.engine.kv_cache_manager import BlockPool, KVCacheManager
 from tachyon.engine.request import Request

@@ -6,11 +6,11 @@ through the block ids the runner is sent, proves every request reads its own his
 from __future__ import annotations
 
 import pytest
-from conftest import FakeKVContent, check_kv_invariants
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from conftest import FakeKVContent, check_kv_invariants
 from tachyon.config import SchedulerConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus

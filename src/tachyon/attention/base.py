@@ -89,7 +89,7 @@ class AttentionBackend(ABC):
         self.spec = spec
 
     @classmethod
-    def check_available(cls, device: torch.device) -> None:
+    def check_available(cls, device: torch.device) -> None:  # noqa: B027 (optional hook)
         """Raise ``ValueError`` with advice if this backend cannot run on ``device``."""
 
     @abstractmethod

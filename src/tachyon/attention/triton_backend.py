@@ -61,7 +61,7 @@ class TritonAttentionBackend(AttentionBackend):
                 common.num_reqs, self.spec.num_kv_heads, self.spec.device)
         return TritonAttentionMetadata(common, splits)
 
-    def forward(self, query, key, value, k_cache, v_cache, metadata, output) -> None:  # noqa: ANN001
+    def forward(self, query, key, value, k_cache, v_cache, metadata, output) -> None:
         c = metadata.common
         n = c.num_tokens
         self.kernels.store_kv_cache(key[:n], value[:n], k_cache, v_cache, c.slot_mapping[:n])

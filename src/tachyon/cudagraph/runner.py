@@ -43,8 +43,8 @@ class CUDAGraphRunner:
         if self.compiled is None and mode.has_piecewise() and cfg.piecewise_backend == "compile":
             from tachyon.cudagraph.compiled import CompiledPiecewiseModel
 
-            self.compiled = CompiledPiecewiseModel(runner.model, runner.buffers, self.impl, cfg.cache_dir,
-                                                   cfg.compile_sizes)
+            self.compiled = CompiledPiecewiseModel(
+                runner.model, runner.buffers, self.impl, cfg.cache_dir, cfg.compile_sizes)
         self._live: ForwardContext | None = None
 
     # -- dispatch and run ----------------------------------------------------------------

@@ -91,7 +91,8 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, list | tuple):
             return None, list(prompt)
-        raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        raise ValueError(
+            f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str | None, prompt: Prompt,
                     params: SamplingParams | None = None,
@@ -137,7 +138,8 @@ class LLMEngine:
             )
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(
+                f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

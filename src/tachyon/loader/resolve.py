@@ -50,7 +50,8 @@ def default_gguf_path() -> str:
 
 def resolve_model(model: str | None, load_format: str, tokenizer: str | None) -> ResolvedModel:
     if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
+        raise ValueError(
+            f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
     if not model:
         model = default_gguf_path()
     if model in preset_names():
@@ -115,7 +116,8 @@ def _resolve_hf_dir(path: Path, load_format: str, tokenizer: str | None) -> Reso
         raise ValueError(f"cannot read {path / 'config.json'}: {e}") from e
     fmt = "dummy" if load_format == "dummy" else "safetensors"
     if fmt == "safetensors" and not any(path.glob("*.safetensors")):
-        raise ValueError(f"{path} holds no *.safetensors files; use --load-format dummy for random weights")
+        raise ValueError(
+            f"{path} holds no *.safetensors files; use --load-format dummy for random weights")
     tok = tokenizer
     if tok is None and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
                                                          "tokenizer.model")):

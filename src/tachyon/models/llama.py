@@ -156,7 +156,8 @@ class LlamaForCausalLM(nn.Module):
                     target, shard = name.replace(piece, packed), shard_id
                     break
             if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
             owner = self.get_submodule(target.rsplit(".", 1)[0])
             loader = getattr(owner, "weight_loader", None)

@@ -83,8 +83,11 @@ class SSEResponse(StreamingResponse):
         finally:
             sender.cancel()
             watch.cancel()
-            await asyncio.gather(sender, watch, return_exceptions=True)
+            results = await asyncio.gather(sender, watch, return_exceptions=True)
             await self.events.aclose()
+        for r in results:  # a client that left mid-write raises OSError: not our fault
+            if isinstance(r, Exception) and not isinstance(r, OSError):
+                logger.error("a streamed response failed", exc_info=r)
 
 
 def error_response(e: OpenAIError) -> JSONResponse:

@@ -1,0 +1,218 @@
+"""CUDA graph contracts on CPU: mode resolution, capture sizes, dispatch, padding, and an
+emulated capture/replay that catches backends reading stale metadata."""
+
+from __future__ import annotations
+
+import random
+from typing import ClassVar
+
+import pytest
+import torch
+
+from tachyon.attention.base import CGSupport
+from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
+from tachyon.config import EngineArgs
+from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
+from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
+
+M = CUDAGraphMode
+S = CGSupport
+
+# (requested mode, support) -> resolved mode, or None for "fails with advice".
+EXPECTED = {
+    (M.NONE, S.NEVER): M.NONE,
+    (M.PIECEWISE, S.NEVER): M.PIECEWISE,
+    (M.FULL, S.NEVER): None,
+    (M.FULL_DECODE_ONLY, S.NEVER): None,
+    (M.FULL_AND_PIECEWISE, S.NEVER): M.PIECEWISE,
+    (M.FULL, S.UNIFORM_DECODE): M.FULL_AND_PIECEWISE,
+    (M.FULL, S.UNIFORM_BATCH): M.FULL_AND_PIECEWISE,
+    (M.FULL, S.ALWAYS): M.FULL,
+    (M.FULL_DECODE_ONLY, S.UNIFORM_DECODE): M.FULL_DECODE_ONLY,
+    (M.FULL_AND_PIECEWISE, S.UNIFORM_DECODE): M.FULL_AND_PIECEWISE,
+}
+
+
+@pytest.mark.parametrize("mode", list(M))
+@pytest.mark.parametrize("support", list(S))
+def test_resolution_matrix(mode, support):
+    expected = EXPECTED.get((mode, support), mode)  # unlisted: served as asked
+    if expected is None:
+        with pytest.raises(ValueError, match="use --cudagraph-mode PIECEWISE"):
+            resolve_cudagraph_mode(mode, "torch", support, on_cuda=True)
+        return
+    res = resolve_cudagraph_mode(mode, "b", support, on_cuda=True)
+    assert res.mode is expected
+    # A downgrade says so once, naming both modes; no downgrade, no warning.
+    if expected is mode:
+        assert res.warning is None
+    else:
+        assert mode.value in res.warning and expected.value in res.warning
+
+
+@pytest.mark.parametrize("mode", list(M))
+def test_cpu_resolves_to_none(mode):
+    res = resolve_cudagraph_mode(mode, "torch", S.NEVER, on_cuda=False)
+    assert res.mode is M.NONE
+    assert (res.warning is None) == (mode is M.NONE)
+
+
+def test_unknown_mode_string():
+    with pytest.raises(ValueError, match="FULL_AND_PIECEWISE"):
+        CUDAGraphMode.parse("SOMETIMES")
+    assert CUDAGraphMode.parse("full_decode_only") is M.FULL_DECODE_ONLY
+
+
+def _compilation(**raw):
+    return EngineArgs(compilation_config=raw)._compilation_config()
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 3, 7, 8, 16, 17, 100, 256, 511, 512, 1000])
+def test_default_capture_sizes_cover_max_num_seqs(max_num_seqs):
+    sizes = _compilation().capture_sizes(max_num_seqs)
+    assert list(sizes) == sorted(set(sizes))
+    assert sizes[-1] == min(max_num_seqs, 512)
+    ladder = {1, 2, 4, 8} | set(range(16, 513, 16))
+    assert set(sizes[:-1]) <= ladder
+    d = CudagraphDispatcher(M.FULL_AND_PIECEWISE, sizes)
+    for n in range(1, max_num_seqs + 1):  # never a gap, never an exception
+        mode, padded = d.dispatch(n, True)
+        if n <= sizes[-1]:
+            assert mode is RuntimeMode.FULL and padded >= n and padded in sizes
+            assert padded == min(s for s in sizes if s >= n)
+        else:
+            assert (mode, padded) == (RuntimeMode.NONE, n)
+
+
+def test_custom_sizes_and_cap():
+    cc = _compilation(cudagraph_capture_sizes=[4, 1, 2], max_cudagraph_capture_size=64)
+    assert cc.capture_sizes(7) == (1, 2, 4, 7)  # extended so 5..7 find a graph
+    assert cc.capture_sizes(3) == (1, 2, 3)
+    cc = _compilation(max_cudagraph_capture_size=40)
+    assert cc.capture_sizes(256) == (1, 2, 4, 8, 16, 32, 40)
+
+
+@pytest.mark.parametrize("bad", ['{"cudagraph_mode": 3', '[1, 2]', '{"bogus": 1}',
+                                 '{"cudagraph_capture_sizes": [0]}',
+                                 '{"piecewise_backend": "magic"}'])
+def test_bad_compilation_config(bad):
+    with pytest.raises(ValueError):
+        EngineArgs(compilation_config=bad)._compilation_config()
+
+
+def test_dispatch_priority_per_mode():
+    sizes = (1, 2, 4, 8)
+    cases = {
+        M.NONE: (RuntimeMode.NONE, RuntimeMode.NONE),
+        M.PIECEWISE: (RuntimeMode.PIECEWISE, RuntimeMode.PIECEWISE),
+        M.FULL: (RuntimeMode.FULL, RuntimeMode.FULL),
+        M.FULL_DECODE_ONLY: (RuntimeMode.FULL, RuntimeMode.NONE),
+        M.FULL_AND_PIECEWISE: (RuntimeMode.FULL, RuntimeMode.PIECEWISE),
+    }
+    for mode, (dec, mixed) in cases.items():
+        d = CudagraphDispatcher(mode, sizes)
+        assert d.dispatch(3, True) == (dec, 4 if dec is not RuntimeMode.NONE else 3)
+        assert d.dispatch(5, False) == (mixed, 8 if mixed is not RuntimeMode.NONE else 5)
+        assert d.dispatch(9, True) == (RuntimeMode.NONE, 9)  # above the largest: eager
+    keys = CudagraphDispatcher(M.FULL_AND_PIECEWISE, sizes).graph_keys()
+    assert keys[0][1].num_tokens == 8  # largest first
+    assert (RuntimeMode.FULL, BatchDescriptor(2, True)) in keys
+    assert (RuntimeMode.PIECEWISE, BatchDescriptor(2, False)) in keys
+    assert (RuntimeMode.FULL, BatchDescriptor(2, False)) not in keys
+
+
+# -- emulated capture/replay -----------------------------------------------------------------
+
+
+class PersistentTorchBackend(TorchAttentionBackend):
+    """Reference attention that keeps the persistent-buffer contract: it plans from the
+    device tensors at forward time (on a CPU that costs nothing), never from host copies."""
+
+    name: ClassVar[str] = "torch-persistent"
+    cudagraph_support: ClassVar[CGSupport] = CGSupport.ALWAYS
+
+    def forward(self, query, key, value, k_cache, v_cache, metadata, output):
+        c = metadata.common
+        qsl, lens = c.query_start_loc.tolist(), c.seq_lens.tolist()
+        spans = [(r, qsl[r], qsl[r + 1], lens[r]) for r in range(c.num_reqs)
+                 if lens[r] > 0 and qsl[r + 1] > qsl[r]]
+        super().forward(query, key, value, k_cache, v_cache,
+                        TorchAttentionMetadata(c, spans), output)
+
+
+class StaleTorchBackend(TorchAttentionBackend):
+    """Breaks the contract on purpose: plans on the host in build_metadata, so a replayed
+    graph keeps using the plan of the batch it was captured with."""
+
+    name: ClassVar[str] = "torch-stale"
+    cudagraph_support: ClassVar[CGSupport] = CGSupport.ALWAYS
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      vocab_size=256, max_position_embeddings=256)
+    d = tmp_path_factory.mktemp("tiny_llama_graphs")
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
+def _generate(model_dir, monkeypatch, backend_cls, mode):
+    from tachyon import LLM, SamplingParams
+    from tachyon.worker import model_runner
+
+    monkeypatch.setenv("TACHYON_EMULATE_CUDAGRAPHS", "1")
+    if backend_cls is not None:
+        monkeypatch.setattr(model_runner, "get_backend_class", lambda name, dev: backend_cls)
+    llm = LLM(model_dir, device="cpu", max_num_seqs=8, max_num_batched_tokens=64,
+              block_size=4, cudagraph_mode=mode,
+              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 30))] for _ in range(7)]
+    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    runner = llm.engine.executor.runner
+    return [o.outputs[0].token_ids for o in out], runner
+
+
+def test_emulated_full_graphs_match_eager(tiny_llama, monkeypatch):
+    ref, _ = _generate(tiny_llama, monkeypatch, None, "NONE")
+    got, runner = _generate(tiny_llama, monkeypatch, PersistentTorchBackend, "FULL")
+    assert runner.graph_stats["cudagraph_mode"] == "FULL"
+    assert runner.graph_stats["graphs"] == 8  # 4 sizes x (decode, mixed)
+    assert got == ref
+
+
+def test_emulation_catches_stale_metadata(tiny_llama, monkeypatch):
+    ref, _ = _generate(tiny_llama, monkeypatch, None, "NONE")
+    got, _ = _generate(tiny_llama, monkeypatch, StaleTorchBackend, "FULL")
+    assert got != ref, "a backend that plans on the host must fail under graph replay"
+
+
+def test_padding_contract(tiny_llama, monkeypatch):
+    """After a padded FULL decode step: padded tokens have slot -1, padded requests have
+    seq_len 0 and one token each."""
+    from tachyon import LLM, SamplingParams
+    from tachyon.worker import model_runner
+
+    monkeypatch.setenv("TACHYON_EMULATE_CUDAGRAPHS", "1")
+    monkeypatch.setattr(model_runner, "get_backend_class",
+                        lambda name, dev: PersistentTorchBackend)
+    llm = LLM(tiny_llama, device="cpu", max_num_seqs=8, block_size=4, cudagraph_mode="FULL",
+              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})
+    eng = llm.engine
+    for i in range(3):
+        eng.add_request(str(i), [1 + i, 2, 3], SamplingParams(temperature=0, max_tokens=5))
+    eng.step()  # prefill
+    eng.step()  # a uniform decode step of 3 requests, padded to 4
+    b = eng.executor.runner.buffers
+    assert b.slot_mapping[3].item() == -1
+    assert b.seq_lens[3].item() == 0
+    assert b.query_start_loc[:5].tolist() == [0, 1, 2, 3, 4]
+    assert all(v > 0 for v in b.seq_lens[:3].tolist())
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.kv.num_free_blocks == eng.kv.pool.num_blocks
