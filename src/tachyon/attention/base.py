@@ -89,8 +89,9 @@ class AttentionBackend(ABC):
         self.spec = spec
 
     @classmethod
-    def check_available(cls, device: torch.device) -> None:  # noqa: B027 (optional hook)
+    def check_available(cls, device: torch.device) -> None:
         """Raise ``ValueError`` with advice if this backend cannot run on ``device``."""
+        return None
 
     @abstractmethod
     def build_metadata(self, common: CommonAttentionMetadata) -> Any:
