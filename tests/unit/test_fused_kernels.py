@@ -48,17 +48,19 @@ def test_silu_and_mul():
 
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_norm_rope(with_norm):
-    t, heads, d = 9, 3, 32
-    base = torch.randn(t, heads * d * 2)
-    x = base[:, : heads * d].view(t, heads, d)  # a strided view, as after the qkv split
+    t, hq, hk, d = 9, 4, 2, 32
+    base = torch.randn(t, (hq + 2 * hk) * d)  # a packed qkv row, as after the projection
+    q = base[:, : hq * d].view(t, hq, d)
+    k = base[:, hq * d:(hq + hk) * d].view(t, hk, d)
     positions = torch.randint(0, 100, (t,))
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     freqs = torch.outer(torch.arange(100, dtype=torch.float64), inv)
     cache = torch.cat([freqs.cos(), freqs.sin()], -1).float()
-    w = torch.rand(d) + 0.5 if with_norm else None
-    out = fused.norm_rope(positions, x, cache, w, 1e-6)
-    ref = _norm64(x, w, 1e-6) if with_norm else x.double()
+    qw, kw = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if with_norm else (None, None)
+    q_out, k_out = fused.norm_rope(positions, q, k, cache, qw, kw, 1e-6)
     cos, sin = freqs[positions].cos().unsqueeze(1), freqs[positions].sin().unsqueeze(1)
-    x1, x2 = ref.chunk(2, -1)
-    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-    assert _rel(out, expected) < 1e-5
+    for x, w, out in ((q, qw, q_out), (k, kw, k_out)):
+        ref = _norm64(x, w, 1e-6) if with_norm else x.double()
+        x1, x2 = ref.chunk(2, -1)
+        expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+        assert _rel(out, expected) < 1e-5

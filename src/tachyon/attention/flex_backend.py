@@ -217,7 +217,7 @@ class FlexAttentionBackend(AttentionBackend):
 
         slot = common.slot_mapping[:t]
         valid = slot >= 0
-        anchor = valid.to(torch.uint8).argmax()  # first real token (0 if there is none)
+        anchor = valid.int().argmax()  # first real token (0 if there is none)
         src = torch.where(valid, self._arange64[:t], anchor)
         dst = slot[src]
         self._kv_src[:t].copy_(src)

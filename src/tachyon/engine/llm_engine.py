@@ -57,6 +57,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config)
         self.executor = _make_executor(config)
+        _check_kv_capacity(config, self.executor.num_blocks)
         self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
@@ -235,6 +236,17 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _check_kv_capacity(config: EngineConfig, num_blocks: int) -> None:
+    """One request of ``max_model_len`` tokens must fit the pool, or it would wait forever."""
+    bs, max_len = config.cache.block_size, config.model.max_model_len
+    if num_blocks * bs < max_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks * bs} tokens ({num_blocks} blocks of {bs}), fewer "
+            f"than max_model_len ({max_len}); lower --max-model-len to {num_blocks * bs} or "
+            f"give the cache more memory (--kv-cache-memory, --gpu-memory-utilization)"
+        )
 
 
 def _child_params(params: SamplingParams, i: int) -> SamplingParams:

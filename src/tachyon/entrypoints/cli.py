@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # tachyon's own start-up report and warnings go to stderr at INFO unless told otherwise.
+    if "TACHYON_LOG_LEVEL" not in os.environ and ns.log_level.upper() == "WARNING":
+        logging.getLogger("tachyon").setLevel(logging.INFO)
     try:
         if ns.command == "generate":
             return _generate(ns)

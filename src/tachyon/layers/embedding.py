@@ -39,6 +39,9 @@ class VocabParallelEmbedding(nn.Module):
         return tensor_model_parallel_all_reduce(out)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
+        if tuple(loaded.shape) != (self.vocab_size, param.shape[1]):
+            raise ValueError(f"embedding shape {tuple(loaded.shape)} does not match the config "
+                             f"({self.vocab_size}, {param.shape[1]})")
         rows = max(0, min(self.per_rank, self.vocab_size - self.start))
         param.data.zero_()
         param.data[:rows].copy_(loaded[self.start : self.start + rows])

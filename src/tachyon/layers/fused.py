@@ -138,17 +138,13 @@ def rope_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 if triton is not None:
 
     @triton.jit
-    def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, cache_ptr, out_ptr, num_heads, x_stride_t,
-                          x_stride_h, out_stride_t, out_stride_h, eps, HAS_NORM: tl.constexpr,
-                          HALF: tl.constexpr):
-        # One program per (token, head): [optional RMSNorm over the head] then rotate the two
-        # halves of the head by the position's angle. cos/sin rows: [cos | sin], HALF each.
-        t = tl.program_id(0)
-        h = tl.program_id(1)
+    def _rotate_head(x_ptr, w_ptr, cache_ptr, out_ptr, pos, eps, HAS_NORM: tl.constexpr,
+                     HALF: tl.constexpr):
+        # [optional RMSNorm over the head] then rotate its two halves by the position's angle.
+        # cos/sin rows of the cache: [cos | sin], HALF each.
         offs = tl.arange(0, HALF)
-        base = x_ptr + t * x_stride_t + h * x_stride_h
-        x1 = tl.load(base + offs)
-        x2 = tl.load(base + HALF + offs)
+        x1 = tl.load(x_ptr + offs)
+        x2 = tl.load(x_ptr + HALF + offs)
         dtype = x1.dtype
         if HAS_NORM:
             f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
@@ -157,23 +153,47 @@ if triton is not None:
             x2 = (f2 * inv).to(dtype) * tl.load(w_ptr + HALF + offs)
         x1 = x1.to(tl.float32)
         x2 = x2.to(tl.float32)
-        pos = tl.load(pos_ptr + t)
         cos = tl.load(cache_ptr + pos * 2 * HALF + offs)
         sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + offs)
-        obase = out_ptr + t * out_stride_t + h * out_stride_h
-        tl.store(obase + offs, (x1 * cos - x2 * sin).to(dtype))
-        tl.store(obase + HALF + offs, (x2 * cos + x1 * sin).to(dtype))
+        tl.store(out_ptr + offs, (x1 * cos - x2 * sin).to(dtype))
+        tl.store(out_ptr + HALF + offs, (x2 * cos + x1 * sin).to(dtype))
+
+    @triton.jit
+    def _norm_rope_qk_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, pos_ptr, cache_ptr, q_out_ptr,
+                             k_out_ptr, num_q_heads, q_stride_t, q_stride_h, k_stride_t,
+                             k_stride_h, q_out_stride_t, k_out_stride_t, eps,
+                             HAS_NORM: tl.constexpr, HALF: tl.constexpr):
+        # One program per (token, head) over the query heads then the key heads: one launch
+        # rotates both.
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        pos = tl.load(pos_ptr + t)
+        if h < num_q_heads:
+            _rotate_head(q_ptr + t * q_stride_t + h * q_stride_h, qw_ptr, cache_ptr,
+                         q_out_ptr + t * q_out_stride_t + h * 2 * HALF, pos, eps,
+                         HAS_NORM, HALF)
+        else:
+            hk = h - num_q_heads
+            _rotate_head(k_ptr + t * k_stride_t + hk * k_stride_h, kw_ptr, cache_ptr,
+                         k_out_ptr + t * k_out_stride_t + hk * 2 * HALF, pos, eps,
+                         HAS_NORM, HALF)
 
 
-def norm_rope(positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
-              weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """x: [T, heads, head_dim] (any strides on T and heads) -> a new contiguous tensor with
-    the optional per-head RMSNorm and the rotation applied."""
-    t, heads, d = x.shape
-    out = torch.empty((t, heads, d), dtype=x.dtype, device=x.device)
+def norm_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+              cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None = None,
+              k_weight: torch.Tensor | None = None, eps: float = 1e-6
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D] (any strides on T and heads; unit stride inside a head)
+    -> new contiguous (q, k) with the optional per-head RMSNorms and the rotation applied."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
     if t:
-        _norm_rope_kernel[(t, heads)](
-            x, weight if weight is not None else x, positions, cos_sin_cache, out, heads,
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
-            HAS_NORM=weight is not None, HALF=d // 2, num_warps=1)
-    return out
+        has_norm = q_weight is not None
+        _norm_rope_qk_kernel[(t, hq + hk)](
+            q, k, q_weight if has_norm else q, k_weight if has_norm else k, positions,
+            cos_sin_cache, q_out, k_out, hq, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), q_out.stride(0), k_out.stride(0), eps, HAS_NORM=has_norm,
+            HALF=d // 2, num_warps=1)
+    return q_out, k_out

@@ -31,6 +31,14 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def check_full_size(loaded: torch.Tensor, dim: int, expected: int) -> None:
+    """A checkpoint tensor is sliced per rank with ``narrow``, which would silently accept
+    a tensor larger than the config says: check the full size first."""
+    if loaded.dim() <= dim or loaded.shape[dim] != expected:
+        raise ValueError(f"weight shape {tuple(loaded.shape)} does not match the config: "
+                         f"expected {expected} along dim {dim}")
+
+
 class ReplicatedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -61,6 +69,7 @@ class ColumnParallelLinear(nn.Module):
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         n = param.shape[0]
+        check_full_size(loaded, 0, n * self.tp_size)
         default_weight_loader(param, loaded.narrow(0, self.tp_rank * n, n))
 
 
@@ -79,6 +88,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
+        check_full_size(loaded, 0, size * self.tp_size)
         src = loaded.narrow(0, self.tp_rank * size, size)
         default_weight_loader(param.data.narrow(0, offset, size), src)
 
@@ -107,6 +117,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
             size, rank = kv_size, self.tp_rank // self.kv_replicas
+        ranks = self.tp_size if shard_id == "q" else self.tp_size // self.kv_replicas
+        check_full_size(loaded, 0, size * ranks)
         src = loaded.narrow(0, rank * size, size)
         default_weight_loader(param.data.narrow(0, offset, size), src)
 
@@ -130,4 +142,5 @@ class RowParallelLinear(nn.Module):
             default_weight_loader(param, loaded)
             return
         n = param.shape[1]
+        check_full_size(loaded, 1, n * self.tp_size)
         default_weight_loader(param, loaded.narrow(1, self.tp_rank * n, n))

@@ -60,8 +60,7 @@ class RotaryEmbedding(nn.Module):
         if use_triton(q):
             qw, kw = (q_norm.weight, k_norm.weight) if q_norm is not None else (None, None)
             eps = q_norm.eps if q_norm is not None else 0.0
-            return (norm_rope(positions, q, self.cos_sin_cache, qw, eps),
-                    norm_rope(positions, k, self.cos_sin_cache, kw, eps))
+            return norm_rope(positions, q, k, self.cos_sin_cache, qw, kw, eps)
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return rope_ref(positions, q, k, self.cos_sin_cache)

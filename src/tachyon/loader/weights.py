@@ -27,9 +27,12 @@ def iterate_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
     files = sorted(Path(path).glob("*.safetensors"))
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                yield name, fh.get_tensor(name)
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    yield name, fh.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error type on damaged files
+            raise ValueError(f"cannot read safetensors file {f}: {e}") from e
 
 
 def _gguf_cache_path(gguf_path: str) -> Path:

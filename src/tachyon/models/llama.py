@@ -16,7 +16,12 @@ from torch import nn
 from tachyon.attention.layer import Attention
 from tachyon.layers.activation import SiluAndMul
 from tachyon.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tachyon.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tachyon.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
 from tachyon.layers.norm import RMSNorm
 from tachyon.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -162,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
             owner = self.get_submodule(target.rsplit(".", 1)[0])
             loader = getattr(owner, "weight_loader", None)
             if loader is None:
-                param.data.copy_(tensor)
+                default_weight_loader(param, tensor)  # checks the shape: copy_ broadcasts
             elif shard is None:
                 loader(param, tensor)
             else:

@@ -395,7 +395,10 @@ class ModelRunner:
         arr = np.full((len(rows), width), self.vocab_size, dtype=np.int64)
         for i, r in enumerate(rows):
             arr[i, : len(r)] = r
-        return torch.from_numpy(arr).to(self.device, non_blocking=True)
+        host = torch.from_numpy(arr)
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous copy needs pinned memory
+        return host.to(self.device, non_blocking=True)
 
     # -- graphs --------------------------------------------------------------------------
     def _resolve_graph_mode(self) -> CUDAGraphMode:

@@ -1,0 +1,328 @@
+"""One test per bad input: a ``ValueError`` that says what is wrong and what is allowed, and
+nothing already accepted is lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TINY_VOCAB
+
+from tachyon import LLM, SamplingParams
+from tachyon.attention.base import CGSupport
+from tachyon.config import EngineArgs
+from tachyon.cudagraph.modes import CUDAGraphMode, resolve_cudagraph_mode
+from tachyon.engine.llm_engine import LLMEngine
+
+MAX_MODEL_LEN = 64
+GOOD_PROMPT = [5, 17, 33, 101, 7, 250]
+GOOD_PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: str) -> LLMEngine:
+    return LLMEngine.from_engine_args(EngineArgs(model=tiny_llama, device="cpu",
+                                                 max_model_len=MAX_MODEL_LEN, block_size=4))
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(engine: LLMEngine) -> list[int]:
+    return drain(engine, [engine.add_request(None, GOOD_PROMPT, GOOD_PARAMS)])[0]
+
+
+def drain(engine: LLMEngine, ids: list[str]) -> list[list[int]]:
+    done: dict[str, list[int]] = {}
+    for _ in range(1000):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert not engine.has_unfinished_requests()
+    assert engine.num_free_blocks() == engine.kv.pool.num_blocks
+    return [done[i] for i in ids]
+
+
+def rejected_without_harm(engine: LLMEngine, reference_tokens: list[int],
+                          bad: Callable[[], Any], match: str) -> None:
+    """Queue a good request, make the bad call, then check the good one still completes
+    with the tokens it produces alone."""
+    queued = engine.add_request(None, GOOD_PROMPT, GOOD_PARAMS)
+    engine.step()  # it is running, not just queued
+    with pytest.raises(ValueError, match=match):
+        bad()
+    assert drain(engine, [queued]) == [reference_tokens]
+
+
+def with_field(**changes: Any) -> SamplingParams:
+    """Valid params mutated after construction, as a caller holding a params object may."""
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    for k, v in changes.items():
+        setattr(params, k, v)
+    return params
+
+
+# --------------------------------------------------------------------------- requests
+
+BAD_PROMPTS = {
+    "too-long": ([1] * (MAX_MODEL_LEN + 1), r"65 tokens, more than max_model_len \(64\)"),
+    "empty-string": ("", "prompt is empty"),
+    "empty-token-list": ([], "prompt is empty"),
+    "token-above-vocab": ([1, 2, TINY_VOCAB], rf"token id {TINY_VOCAB} .*\[0, {TINY_VOCAB}\)"),
+    "negative-token": ([1, -1], r"token id -1 .*outside the vocabulary"),
+    "string-without-tokenizer": ("hello", "no tokenizer"),
+    "not-a-prompt": (3.5, "a prompt is a string or a list of token ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_bad_prompt(case: str, engine: LLMEngine, reference_tokens: list[int]) -> None:
+    prompt, match = BAD_PROMPTS[case]
+    rejected_without_harm(engine, reference_tokens,
+                          lambda: engine.add_request(None, prompt, GOOD_PARAMS), match)
+
+
+BAD_SAMPLING = {
+    "negative-temperature": (dict(temperature=-0.5), r"temperature must be >= 0"),
+    "top-p-zero": (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    "top-p-above-one": (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    "top-k-minus-two": (dict(top_k=-2), r"top_k must be 0 or -1 \(disabled\) or a positive"),
+    "min-p-two": (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
+    "max-tokens-zero": (dict(max_tokens=0), r"max_tokens must be an integer >= 1"),
+    "min-above-max-tokens": (dict(min_tokens=5, max_tokens=3),
+                             r"min_tokens \(5\) must be <= max_tokens \(3\)"),
+    "logprobs-21": (dict(logprobs=21), r"logprobs must be an integer in \[0, 20\]"),
+    "n-zero": (dict(n=0), r"n must be an integer >= 1"),
+    "stop-int-in-list": (dict(stop=["ok", 5]), r"stop must be a non-empty string or a list"),
+    "stop-empty-string": (dict(stop=""), r"stop must be a non-empty string"),
+    "repetition-penalty-zero": (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0"),
+    "presence-penalty-3": (dict(presence_penalty=3.0), r"presence_penalty must be in \[-2, 2\]"),
+    "nan-temperature": (dict(temperature=float("nan")), r"temperature must be >= 0"),
+    "stop-token-ids-negative": (dict(stop_token_ids=[-3]), "stop_token_ids must be a list"),
+}
+
+# Non-iterable ``stop`` / ``stop_token_ids`` values crash inside SamplingParams.__post_init__
+# with a TypeError before validation runs (sampling_params.py, not engine-owned).
+_TYPE_ERROR = pytest.mark.xfail(raises=TypeError, strict=True,
+                                reason="SamplingParams.__post_init__ calls list() first")
+
+
+@pytest.mark.parametrize("case", [
+    *BAD_SAMPLING,
+    pytest.param("stop-int", marks=_TYPE_ERROR),
+    pytest.param("stop-token-ids-int", marks=_TYPE_ERROR),
+])
+def test_bad_sampling_params(case: str, engine: LLMEngine, reference_tokens: list[int]) -> None:
+    extra = {"stop-int": (dict(stop=5), r"stop must be a non-empty string or a list"),
+             "stop-token-ids-int": (dict(stop_token_ids=5), "stop_token_ids must be a list")}
+    kwargs, match = {**BAD_SAMPLING, **extra}[case]
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+    # The same values set on an existing object are caught when the request arrives.
+    if "stop" not in kwargs:
+        params = with_field(**kwargs)
+        rejected_without_harm(engine, reference_tokens,
+                              lambda: engine.add_request(None, GOOD_PROMPT, params), match)
+
+
+def test_duplicate_request_id(engine: LLMEngine, reference_tokens: list[int]) -> None:
+    engine.add_request("dup", GOOD_PROMPT, GOOD_PARAMS)
+    rejected_without_harm(engine, reference_tokens,
+                          lambda: engine.add_request("dup", GOOD_PROMPT, GOOD_PARAMS),
+                          "'dup' is already in use")
+
+
+def test_params_of_the_wrong_type(engine: LLMEngine, reference_tokens: list[int]) -> None:
+    rejected_without_harm(engine, reference_tokens,
+                          lambda: engine.add_request(None, GOOD_PROMPT, {"temperature": 0}),
+                          "params must be a tachyon.SamplingParams")
+
+
+def test_generate_rejects_a_batch_with_one_bad_prompt_before_queueing_any(
+        tiny_llama: str) -> None:
+    llm = LLM(model=tiny_llama, device="cpu", max_model_len=MAX_MODEL_LEN)
+    good = llm.generate([GOOD_PROMPT], GOOD_PARAMS, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([GOOD_PROMPT, [1, TINY_VOCAB + 3]], GOOD_PARAMS, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        llm.generate([GOOD_PROMPT, GOOD_PROMPT], [GOOD_PARAMS], use_tqdm=False)
+    with pytest.raises(ValueError, match="no prompts given"):
+        llm.generate([], GOOD_PARAMS, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate([GOOD_PROMPT], GOOD_PARAMS, use_tqdm=False)[0].outputs[0].token_ids \
+        == good
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_unknown_model_path(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown model .*does not download models"):
+        LLM(model=str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="has no config.json"):
+        LLM(model=str(tmp_path), device="cpu")
+
+
+def copy_model(src: str, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_malformed_config_json(tiny_llama: str, tmp_path: Path) -> None:
+    path = copy_model(tiny_llama, tmp_path / "m")
+    (path / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    with pytest.raises(ValueError, match="cannot read .*config.json"):
+        LLM(model=str(path), device="cpu")
+
+
+def test_config_without_model_type(tiny_llama: str, tmp_path: Path) -> None:
+    path = copy_model(tiny_llama, tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["model_type"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="cannot read .*config.json"):
+        LLM(model=str(path), device="cpu")
+
+
+def test_unsupported_architecture(tiny_llama: str, tmp_path: Path) -> None:
+    path = copy_model(tiny_llama, tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported architecture .*LlamaForCausalLM"):
+        LLM(model=str(path), device="cpu")
+
+
+def test_config_that_does_not_match_the_weights(tiny_llama: str, tmp_path: Path) -> None:
+    path = copy_model(tiny_llama, tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="weight shape"):
+        LLM(model=str(path), device="cpu")
+
+
+def test_missing_safetensors(tiny_llama: str, tmp_path: Path) -> None:
+    path = copy_model(tiny_llama, tmp_path / "m")
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match=r"no \*.safetensors files.*--load-format dummy"):
+        LLM(model=str(path), device="cpu")
+
+
+def test_truncated_safetensors(tiny_llama: str, tmp_path: Path) -> None:
+    path = copy_model(tiny_llama, tmp_path / "m")
+    (f,) = path.glob("*.safetensors")
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM(model=str(path), device="cpu")
+
+
+def test_garbage_gguf(tmp_path: Path) -> None:
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(ValueError, match="cannot read GGUF file"):
+        LLM(model=str(f), device="cpu")
+
+
+def test_truncated_gguf(default_gguf: str, tmp_path: Path) -> None:
+    """The real model file cut short: the header parses, the tensor data is missing."""
+    f = tmp_path / "cut.gguf"
+    with open(default_gguf, "rb") as src, open(f, "wb") as dst:
+        dst.write(src.read(8 << 20))
+    with pytest.raises(ValueError, match="GGUF"):
+        LLM(model=str(f), device="cpu")
+
+
+def test_preset_without_dummy_load_format() -> None:
+    with pytest.raises(ValueError, match="add --load-format dummy"):
+        EngineArgs(model="qwen3-0.6b", device="cpu").create_config()
+
+
+# --------------------------------------------------------------------------- engine args
+
+
+def test_unknown_engine_kwarg(tiny_llama: str) -> None:
+    with pytest.raises(ValueError, match="unknown engine argument.*max_num_sequences.*known: "):
+        LLM(model=tiny_llama, device="cpu", max_num_sequences=4)
+
+
+BAD_ENGINE_ARGS = {
+    "block-size-not-power-of-two": (dict(block_size=12), "block_size must be a power of two"),
+    "max-num-seqs-zero": (dict(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
+    "budget-below-seats": (dict(max_num_seqs=8, max_num_batched_tokens=4),
+                           r"max_num_batched_tokens \(4\) must be >= max_num_seqs \(8\)"),
+    "max-model-len-above-model": (dict(max_model_len=10_000), "exceeds the model's"),
+    "dtype": (dict(dtype="float8"), "dtype must be one of"),
+    "device": (dict(device="tpu"), "device must be 'auto', 'cuda' or 'cpu'"),
+    "kv-cache-memory": (dict(kv_cache_memory="lots"), "cannot read memory size 'lots'"),
+    "load-format": (dict(load_format="pickle"), "load_format must be one of"),
+    "gpu-memory-utilization": (dict(gpu_memory_utilization=1.5),
+                               r"gpu_memory_utilization must be in \(0, 1\]"),
+    "attention-backend": (dict(attention_backend="magic"), "unknown attention backend 'magic'"),
+    "graph-mode": (dict(cudagraph_mode="FULLEST"),
+                   "unknown CUDA graph mode 'FULLEST'; use one of: NONE, PIECEWISE, FULL"),
+    "graph-mode-in-json": (dict(compilation_config='{"cudagraph_mode": "sometimes"}'),
+                           "unknown CUDA graph mode 'sometimes'"),
+    "compilation-config-json": (dict(compilation_config='{"cudagraph_mode": FULL}'),
+                                "--compilation-config is not valid JSON"),
+    "compilation-config-not-object": (dict(compilation_config="[1, 2]"),
+                                      "must be a JSON object"),
+    "compilation-config-unknown-key": (dict(compilation_config={"cuda_graph_sizes": [1]}),
+                                       "unknown compilation_config key.*cuda_graph_sizes"),
+    "capture-sizes": (dict(compilation_config={"cudagraph_capture_sizes": [0, 2]}),
+                      "cudagraph_capture_sizes must be a list of positive integers"),
+    "piecewise-backend": (dict(compilation_config={"piecewise_backend": "magic"}),
+                          "piecewise_backend must be 'breakable' or 'compile'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENGINE_ARGS))
+def test_bad_engine_args(case: str, tiny_llama: str) -> None:
+    kwargs, match = BAD_ENGINE_ARGS[case]
+    with pytest.raises(ValueError, match=match):
+        LLM(model=tiny_llama, **{"device": "cpu", **kwargs})
+
+
+def test_graph_mode_from_environment(tiny_llama: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TACHYON_CUDAGRAPH_MODE", "EVERYTHING")
+    with pytest.raises(ValueError, match="unknown CUDA graph mode 'EVERYTHING'"):
+        EngineArgs(model=tiny_llama, device="cpu").create_config()
+
+
+def test_kv_cache_too_small_for_max_model_len(tiny_llama: str) -> None:
+    """A pool that cannot hold one request of max_model_len would leave such a request
+    waiting forever: refuse at start-up and say what to change."""
+    with pytest.raises(ValueError, match=r"KV cache .*max_model_len \(64\)"):
+        LLM(model=tiny_llama, device="cpu", max_model_len=64, block_size=4,
+            num_gpu_blocks_override=8)
+
+
+@pytest.mark.parametrize("mode", [CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY])
+def test_full_graphs_with_the_torch_backend(mode: CUDAGraphMode) -> None:
+    with pytest.raises(ValueError, match=(
+            rf"{mode.value} is not supported by the 'torch' attention backend \(support: NEVER\)"
+            r"; use --cudagraph-mode PIECEWISE or --attention-backend triton")):
+        resolve_cudagraph_mode(mode, "torch", CGSupport.NEVER, on_cuda=True)
+
+
+def test_graph_mode_downgrades_are_explained() -> None:
+    res = resolve_cudagraph_mode(CUDAGraphMode.FULL_AND_PIECEWISE, "torch", CGSupport.NEVER, True)
+    assert res.mode is CUDAGraphMode.PIECEWISE
+    assert "FULL_AND_PIECEWISE" in res.warning and "PIECEWISE" in res.warning
+    res = resolve_cudagraph_mode(CUDAGraphMode.FULL, "triton", CGSupport.UNIFORM_DECODE, True)
+    assert res.mode is CUDAGraphMode.FULL_AND_PIECEWISE and "UNIFORM_DECODE" in res.warning
+    res = resolve_cudagraph_mode(CUDAGraphMode.FULL, "flex", CGSupport.ALWAYS, True)
+    assert res == type(res)(CUDAGraphMode.FULL, None)
+    # Without CUDA every mode runs eagerly, with a word about it.
+    res = resolve_cudagraph_mode(CUDAGraphMode.FULL, "torch", CGSupport.NEVER, False)
+    assert res.mode is CUDAGraphMode.NONE and "needs a CUDA GPU" in res.warning
