@@ -36,6 +36,9 @@ class ScheduledRequest:
     block_ids: list[int]
     full_block_ids: bool
     sample: bool
+    # Inputs after ``new_token_ids`` whose values the previous step is still sampling
+    # (asynchronous scheduling): the runner takes them from that step's output on the device.
+    num_pending_inputs: int = 0
     prompt_token_ids: list[int] | None = None  # with the first schedule only
     params: SamplingParams | None = None  # with the first schedule only
 

@@ -8,7 +8,7 @@ import torch
 
 from tachyon.config import EngineConfig
 from tachyon.engine.scheduler import SchedulerOutput
-from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput
+from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ class UniProcExecutor:
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)
+
+    def execute_model_async(self, out: SchedulerOutput) -> PendingOutput:
+        return self.runner.execute_async(out)
 
     def shutdown(self) -> None:
         """Drop the model, KV cache and graphs so their device memory can be reused."""

@@ -41,6 +41,7 @@ class RequestState:
     token_ids: list[int]  # tokens whose K/V is computed or being computed
     block_ids: list[int]
     generator: torch.Generator | None
+    placeholder: int | None = None  # index in token_ids still awaiting its sampled value
     row: int = -1  # block-table row it occupied last step
     row_blocks: int = 0  # how many of its block ids that row already holds
 
@@ -52,6 +53,29 @@ class ModelRunnerOutput:
     # Per sampled request: [(token id, logprob), ...] sampled token first, then top-k.
     logprobs: list[list[tuple[int, float]]] | None = None
     step_seconds: float = 0.0
+
+
+class PendingOutput:
+    """A queued step's sampled tokens, on their way to the host."""
+
+    def __init__(self, runner: ModelRunner | None, request_ids: list[str],
+                 host_ids: torch.Tensor | None, event: torch.cuda.Event | None,
+                 sampler_output: object) -> None:
+        self.runner, self.request_ids = runner, request_ids
+        self.host_ids, self.event, self.sampler_output = host_ids, event, sampler_output
+        self.step_start = time.perf_counter()
+        self._result: ModelRunnerOutput | None = None
+
+    @classmethod
+    def empty(cls) -> PendingOutput:
+        pending = cls(None, [], None, None, None)
+        pending._result = ModelRunnerOutput([], [])
+        return pending
+
+    def result(self) -> ModelRunnerOutput:
+        if self._result is None:
+            self._result = self.runner._finish(self)
+        return self._result
 
 
 @dataclass
@@ -66,6 +90,8 @@ class StepPlan:
     uniform_decode: bool
     sample_rows: list[int] = field(default_factory=list)  # batch rows that sample
     sample_ids: list[str] = field(default_factory=list)
+    # (token position, row in the previous step's sampled ids) for inputs sampled last step
+    from_previous: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -92,6 +118,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.sampling_buffers = SamplingBuffers(self.max_num_seqs, device)
         self._row_owners: list[RequestState | None] = [None] * self.max_num_seqs
+        pin = device.type == "cuda"
+        self._host_ids = [torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin)
+                          for _ in range(2)]
+        self._host_ids_flip = 0
+        self._prev_sampled = torch.zeros(self.max_num_seqs, dtype=torch.int64, device=device)
+        self._prev_rows: dict[str, int] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, RequestState] = {}
         self.vocab_size = int(mc.hf_config.vocab_size)
@@ -186,22 +218,42 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     # -- one step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its sampled tokens."""
+        return self.execute_async(out).result()
+
+    @torch.inference_mode()
+    def execute_async(self, out: SchedulerOutput) -> PendingOutput:
+        """Queue one step on the device; the sampled ids come back through ``result()``.
+
+        Inputs whose value is still being sampled by the previous step (asynchronous
+        scheduling) are filled on the device from that step's sampled ids.
+        """
         start = time.perf_counter()
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
         if out.is_empty:
-            return ModelRunnerOutput([], [])
+            return PendingOutput.empty()
         plan = self._stage(out)
         self.buffers.copy_to_device(plan.padded_reqs)
+        self._fill_from_previous(plan)
         common = self._common_metadata(plan)
         metadata = self.backend.build_metadata(common)
         sampling = self._sampling_metadata(plan) if plan.sample_rows else None
         hidden = self._run_model(plan, metadata)
-        result = self._sample(plan, hidden, sampling)
-        result.step_seconds = time.perf_counter() - start
-        return result
+        pending = self._sample(plan, hidden, sampling)
+        pending.step_start = start
+        return pending
+
+    def _fill_from_previous(self, plan: StepPlan) -> None:
+        if not plan.from_previous:
+            return
+        pos, rows = zip(*plan.from_previous, strict=True)
+        idx = torch.tensor([pos, rows], dtype=torch.int64)
+        if self.device.type == "cuda":
+            idx = idx.pin_memory()
+        idx = idx.to(self.device, non_blocking=True)
+        self.buffers.input_ids[idx[0]] = self._prev_sampled[idx[1]]
 
     def _run_model(self, plan: StepPlan, metadata: object) -> torch.Tensor:
         b = self.buffers
@@ -231,10 +283,12 @@ class ModelRunner:
         ids, positions, slots = b.np_input_ids, b.np_positions, b.np_slot_mapping
         for row, s in enumerate(out.requests):
             st = self._update_state(s)
-            n = len(s.new_token_ids)
+            n = len(s.new_token_ids) + s.num_pending_inputs
             start = s.num_computed_tokens
+            if s.num_pending_inputs:  # the last input is being sampled by the previous step
+                plan.from_previous.append((pos + n - 1, self._prev_rows[s.request_id]))
             if n == 1:  # decode: scalar writes, no temporary arrays
-                ids[pos] = s.new_token_ids[0]
+                ids[pos] = s.new_token_ids[0] if s.new_token_ids else 0
                 positions[pos] = start
                 slots[pos] = st.block_ids[start // bs] * bs + start % bs
             else:
@@ -320,6 +374,9 @@ class ModelRunner:
             st.block_ids.extend(s.block_ids)
         del st.token_ids[s.num_computed_tokens:]
         st.token_ids.extend(s.new_token_ids)
+        if s.num_pending_inputs:
+            st.placeholder = len(st.token_ids)
+            st.token_ids.append(-1)
         return st
 
     def _common_metadata(self, plan: StepPlan) -> CommonAttentionMetadata:
@@ -340,23 +397,46 @@ class ModelRunner:
 
     # -- sampling ------------------------------------------------------------------------
     def _sample(self, plan: StepPlan, hidden: torch.Tensor,
-                meta: SamplingMetadata | None) -> ModelRunnerOutput:
+                meta: SamplingMetadata | None) -> PendingOutput:
         if meta is None:
-            return ModelRunnerOutput([], [])
+            return PendingOutput.empty()
         k = len(plan.sample_rows)
         logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
-        states = [self.states[rid] for rid in plan.sample_ids]
         res = self.sampler(logits, meta)
-        ids = res.sampled_token_ids.tolist()  # the one device->host copy of the step
+        self._prev_sampled = res.sampled_token_ids
+        self._prev_rows = {rid: i for i, rid in enumerate(plan.sample_ids)}
+        # Start the one device->host copy of the step; result() waits for it.
+        self._host_ids_flip ^= 1  # two buffers: the next step's copy must not clobber this one
+        host = self._host_ids[self._host_ids_flip][:k]
+        host.copy_(res.sampled_token_ids, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingOutput(self, plan.sample_ids, host, event, res)
+
+    def _finish(self, pending: PendingOutput) -> ModelRunnerOutput:
+        if pending.event is not None:
+            pending.event.synchronize()
+        ids = pending.host_ids.tolist()
+        for rid, tok in zip(pending.request_ids, ids, strict=True):
+            st = self.states.get(rid)
+            if st is not None and st.placeholder is not None:
+                st.token_ids[st.placeholder] = tok  # the input a later step took on the device
+                st.placeholder = None
+        res = pending.sampler_output
         logprobs = None
         if res.logprobs is not None:
             lp_ids, lp_vals = res.logprob_token_ids.tolist(), res.logprobs.tolist()
             logprobs = []
-            for i, st in enumerate(states):
-                want = (st.params.logprobs or 0) + 1
-                logprobs.append(list(zip(lp_ids[i][:want], lp_vals[i][:want], strict=True))
-                                if st.params.logprobs is not None else [])
-        return ModelRunnerOutput(plan.sample_ids, ids, logprobs)
+            for i, rid in enumerate(pending.request_ids):
+                st = self.states.get(rid)
+                want = st.params.logprobs if st is not None else None
+                logprobs.append([] if want is None else
+                                list(zip(lp_ids[i][:want + 1], lp_vals[i][:want + 1],
+                                         strict=True)))
+        return ModelRunnerOutput(pending.request_ids, ids, logprobs,
+                                 time.perf_counter() - pending.step_start)
 
     def _sampling_metadata(self, plan: StepPlan) -> SamplingMetadata:
         """Stage the step's sampling parameters; their copies are queued before the forward."""
