@@ -70,6 +70,8 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_chunked_prefill: bool
+    # Schedule step N+1 while the device runs step N (default on CUDA).
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    async_scheduling: bool | None = None  # None: on for CUDA, off for CPU
     tensor_parallel_size: int = 1
     distributed_backend: str | None = None
     device: str = "auto"
@@ -225,6 +228,8 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=tokens,
                 enable_chunked_prefill=self.enable_chunked_prefill,
+                async_scheduling=(device == "cuda" if self.async_scheduling is None
+                                  else bool(self.async_scheduling)),
             ),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_backend),
             compilation=self._compilation_config(),

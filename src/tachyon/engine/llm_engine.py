@@ -11,15 +11,18 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tachyon.config import EngineArgs, EngineConfig
 from tachyon.engine.detokenizer import IncrementalDetokenizer
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
-from tachyon.engine.scheduler import Scheduler
+from tachyon.engine.scheduler import Scheduler, SchedulerOutput
 from tachyon.outputs import CompletionOutput, RequestOutput
 from tachyon.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tachyon.worker.model_runner import ModelRunnerOutput, PendingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,10 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(config.model.hf_config, self.tokenizer)
         self.vocab_size = int(config.model.hf_config.vocab_size)
         self._parents: dict[str, _Parent] = {}
+        self.async_scheduling = config.scheduler.async_scheduling and hasattr(
+            self.executor, "execute_model_async")
+        self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self._penalty_requests: set[str] = set()
         self._seq_owner: dict[str, tuple[_Parent, _Sequence]] = {}
         self._ids = itertools.count()
         # Streaming callers want an output per new token; batch callers only final ones.
@@ -122,6 +129,8 @@ class LLMEngine:
                 seq.output.logprobs, seq.output.cumulative_logprob = [], 0.0
             parent.seqs.append(seq)
         self._parents[rid] = parent
+        if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1:
+            self._penalty_requests.add(rid)
         for seq in parent.seqs:
             self._seq_owner[seq.request.request_id] = (parent, seq)
             self.scheduler.add_request(seq.request)
@@ -147,6 +156,7 @@ class LLMEngine:
         seq_ids = []
         for rid in ids:
             parent = self._parents.pop(rid, None)
+            self._penalty_requests.discard(rid)
             if parent is None:
                 continue
             for seq in parent.seqs:
@@ -162,10 +172,32 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. With asynchronous scheduling the step is queued on the device
+        and the outputs returned are those of the previous step: the host schedules and
+        stages step N+1 while the device still runs step N."""
+        if not self._use_async():
+            outputs = self._drain()
+            sched = self.scheduler.schedule()
+            if sched.is_empty and not sched.finished_request_ids:
+                return outputs
+            return outputs + self._process(sched, self.executor.execute_model(sched))
         sched = self.scheduler.schedule()
-        if sched.is_empty and not sched.finished_request_ids:
+        prev, self._inflight = self._inflight, None
+        if not (sched.is_empty and not sched.finished_request_ids):
+            self._inflight = (sched, self.executor.execute_model_async(sched))
+        return self._process(prev[0], prev[1].result()) if prev is not None else []
+
+    def _use_async(self) -> bool:
+        # Penalties read every earlier token at sampling time, so they need the sync path.
+        return self.async_scheduling and not self._penalty_requests
+
+    def _drain(self) -> list[RequestOutput]:
+        if self._inflight is None:
             return []
-        result = self.executor.execute_model(sched)
+        (sched, pending), self._inflight = self._inflight, None
+        return self._process(sched, pending.result())
+
+    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
         sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
@@ -214,6 +246,7 @@ class LLMEngine:
         finished = parent.finished
         if finished:
             self._parents.pop(parent.request_id, None)
+            self._penalty_requests.discard(parent.request_id)
             for seq in parent.seqs:
                 self._seq_owner.pop(seq.request.request_id, None)
             self.stats["requests_finished"] += 1

@@ -39,6 +39,9 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens being sampled by a step in flight (asynchronous scheduling): counted as
+        # computed inputs of the next step before their values are known. 0 or 1.
+        self.num_pending = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

@@ -122,7 +122,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens + req.num_pending - req.num_computed_tokens
+            if remaining <= 0 or self._finishes_with_pending(req):
+                i += 1  # nothing to compute until the step in flight reports back
+                continue
+            n = min(remaining, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -139,6 +143,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted_any
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.num_pending:  # preempted while its last token is still being sampled
+                break
             hits = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_cached = len(hits) * self.kv.block_size
             n = req.num_tokens - req.num_computed_tokens - num_cached
@@ -170,16 +176,34 @@ class Scheduler:
         self._block_counts[rid] = len(blocks)
         new_blocks = [b.block_id for b in blocks[sent:]] if sent < len(blocks) else []
         self._known_to_runner.add(rid)
-        return ScheduledRequest(
+        known = req.all_token_ids[start:start + n]
+        sample = start + n == req.num_tokens + req.num_pending
+        scheduled = ScheduledRequest(
             request_id=rid,
-            new_token_ids=req.all_token_ids[start:start + n],
+            new_token_ids=known,
             num_computed_tokens=start,
             block_ids=new_blocks,
             full_block_ids=resumed,
-            sample=start + n == req.num_tokens,
+            sample=sample,
+            num_pending_inputs=n - len(known),
             prompt_token_ids=req.prompt_token_ids if first else None,
             params=req.params if first else None,
         )
+        # Counted as computed now, so the next step can be scheduled before this one ends.
+        req.num_computed_tokens = start + n
+        if sample:
+            req.num_pending += 1
+        return scheduled
+
+    def _finishes_with_pending(self, req: Request) -> bool:
+        """With a token in flight, will the request stop on length whatever that token is?
+        Then scheduling another step for it would only be thrown away."""
+        if not req.num_pending:
+            return False
+        p = req.params
+        total = req.num_tokens + req.num_pending
+        return (p.max_tokens is not None and req.num_output_tokens + req.num_pending
+                >= p.max_tokens) or total >= self.max_model_len
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -192,24 +216,23 @@ class Scheduler:
 
     # -- after the step -------------------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, apply token-level stops. Returns the
-        requests that got a new token this step (finished ones included)."""
+        """Append sampled tokens and apply token-level stops. Returns the requests that got a
+        new token this step (finished ones included). A request preempted after this step
+        was queued still gets its token (it is recomputed with it)."""
         progressed = []
         for s in out.requests:
-            req = self.requests.get(s.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            req.num_computed_tokens += len(s.new_token_ids)
             if not s.sample:
                 continue
+            req = self.requests.get(s.request_id)
+            if req is None:
+                continue  # finished or aborted while the step ran
+            req.num_pending -= 1
             token = sampled[s.request_id]
             req.append_token(token)
             progressed.append(req)
             status = self._check_stop(req, token)
             if status is not None:
-                self.running.remove(req)
-                del self.requests[req.request_id]
-                self._release(req, status)
+                self.finish_requests([req.request_id], status)
         return progressed
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:

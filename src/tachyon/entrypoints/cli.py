@@ -43,6 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
                    action="store_false")
+    g.add_argument("--async-scheduling", dest="async_scheduling", action="store_true",
+                   default=None, help="overlap host scheduling with the device (CUDA default)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     g.add_argument("--attention-backend", default=None, choices=["torch", "triton", "flex"])
@@ -61,7 +64,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_memory=ns.kv_cache_memory,
         enable_prefix_caching=ns.enable_prefix_caching, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens,
-        enable_chunked_prefill=ns.enable_chunked_prefill,
+        enable_chunked_prefill=ns.enable_chunked_prefill, async_scheduling=ns.async_scheduling,
         tensor_parallel_size=ns.tensor_parallel_size, device=ns.device,
         attention_backend=ns.attention_backend, enforce_eager=ns.enforce_eager,
         cudagraph_mode=ns.cudagraph_mode, compilation_config=ns.compilation_config,
