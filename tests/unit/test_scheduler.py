@@ -195,25 +195,32 @@ STEMS = [[7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 1, 2, 3, 4, 5, 20, 21], [9]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    """Drives the scheduler like ``LLMEngine.step`` does, synchronously (schedule, run,
+    update) or asynchronously (schedule and launch step N+1, then update with step N's
+    tokens). The fake runner rebuilds each request's block list and tokens from what it is
+    sent, taking pending inputs from the previous step's samples as the device does."""
+
     def __init__(self) -> None:
         super().__init__()
         self.config: SchedulerConfig | None = None
         self.count = 0
 
-    def _setup(self, seats: int, budget: int, prefix: bool) -> None:
+    def _setup(self, seats: int, budget: int, prefix: bool, async_mode: bool) -> None:
         kv = KVCacheManager(NUM_BLOCKS, BLOCK_SIZE, prefix)
         self.config = SchedulerConfig(seats, budget, True)
+        self.async_mode = async_mode
         self.s = Scheduler(self.config, kv, MAX_MODEL_LEN)
         self.content = FakeKVContent(NUM_BLOCKS, BLOCK_SIZE)
-        # The runner's view: request id -> (block ids, token ids), rebuilt from the
-        # incremental updates the scheduler sends, exactly as ModelRunner does.
-        self.runner: dict[str, tuple[list[int], list[int]]] = {}
+        self.runner: dict[str, tuple[list[int], list[int]]] = {}  # id -> (blocks, tokens)
+        self.device_sampled: dict[str, int] = {}  # last token each request sampled
+        self.inflight: tuple[SchedulerOutput, dict[str, int]] | None = None
         self.finished: set[str] = set()
 
     @precondition(lambda self: self.config is None)
-    @rule(seats=st.integers(1, 5), budget=st.integers(5, 24), prefix=st.booleans())
-    def configure(self, seats: int, budget: int, prefix: bool) -> None:
-        self._setup(seats, max(budget, seats), prefix)
+    @rule(seats=st.integers(1, 5), budget=st.integers(5, 24), prefix=st.booleans(),
+          async_mode=st.booleans())
+    def configure(self, seats: int, budget: int, prefix: bool, async_mode: bool) -> None:
+        self._setup(seats, max(budget, seats), prefix, async_mode)
 
     @precondition(lambda self: self.config is not None)
     @rule(stem=st.sampled_from(STEMS), cut=st.integers(0, 12),
@@ -230,6 +237,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.config is not None and self.s.requests)
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:
+        self._abort_one(data)
+
+    def _abort_one(self, data: st.DataObject) -> None:
         rid = data.draw(st.sampled_from(sorted(self.s.requests)))
         self.s.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
         self.finished.add(rid)
@@ -237,28 +247,46 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.config is not None)
     @rule(data=st.data(), abort_mid_step=st.booleans())
     def step(self, data: st.DataObject, abort_mid_step: bool) -> None:
+        def draw(out: SchedulerOutput) -> dict[str, int]:
+            return {r.request_id: data.draw(st.integers(0, 3)) for r in out.requests
+                    if r.sample}
+
+        if not self.async_mode:
+            out = self.s.schedule()
+            self._run(out, draw(out))
+            if abort_mid_step and self.s.requests:
+                self._abort_one(data)
+            self._update(out, self.device_sampled)
+            return
         out = self.s.schedule()
-        self._check_step(out)
+        prev, self.inflight = self.inflight, None
+        if out.requests or out.finished_request_ids:
+            self.inflight = (out, self._run(out, draw(out)))
         if abort_mid_step and self.s.requests:
-            rid = data.draw(st.sampled_from(sorted(self.s.requests)))
-            self.s.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
-            self.finished.add(rid)
-        sampled = {r.request_id: data.draw(st.integers(0, 3)) for r in out.requests if r.sample}
-        before = {rid: len(req.all_token_ids) for rid, req in self.s.requests.items()}
-        for req in self.s.update(out, sampled):
-            assert len(req.all_token_ids) == before[req.request_id] + 1
+            self._abort_one(data)
+        if prev is not None:
+            self._update(*prev)
+
+    def _update(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        before = {rid: req.num_tokens for rid, req in self.s.requests.items()}
+        got = {r.request_id: sampled[r.request_id] for r in out.requests if r.sample}
+        for req in self.s.update(out, got):
+            assert req.num_tokens == before[req.request_id] + 1
+            assert req.all_token_ids[-1] == got[req.request_id]
             if req.status.finished:
                 self.finished.add(req.request_id)
                 assert req.request_id not in self.s.requests
 
-    def _check_step(self, out: SchedulerOutput) -> None:
+    def _run(self, out: SchedulerOutput, sampled: dict[str, int]) -> dict[str, int]:
+        """Check the step, then play the runner: write K/V, read it back, sample."""
         cfg, s = self.config, self.s
-        assert out.total_num_tokens == sum(len(r.new_token_ids) for r in out.requests)
+        assert out.total_num_tokens == sum(len(r.new_token_ids) + r.num_pending_inputs
+                                           for r in out.requests)
         assert out.total_num_tokens <= cfg.max_num_batched_tokens
         assert len(out.requests) <= cfg.max_num_seqs
         ids = [r.request_id for r in out.requests]
         assert len(set(ids)) == len(ids)
-        if s.has_unfinished():
+        if s.has_unfinished() and self.inflight is None and not self.async_mode:
             assert out.requests, "requests wait but nothing was scheduled: the engine would hang"
         for rid in out.finished_request_ids:
             assert rid in self.finished
@@ -266,11 +294,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in out.requests:
             req = s.requests[r.request_id]
             assert req.status is RequestStatus.RUNNING
-            assert r.new_token_ids, "a scheduled request computes at least one token"
-            end = r.num_computed_tokens + len(r.new_token_ids)
-            assert r.num_computed_tokens == req.num_computed_tokens
-            assert r.new_token_ids == req.all_token_ids[r.num_computed_tokens:end]
-            assert r.sample == (end == req.num_tokens)
+            n = len(r.new_token_ids) + r.num_pending_inputs
+            assert n >= 1 and r.num_pending_inputs in (0, 1)
+            end = r.num_computed_tokens + n
+            assert req.num_computed_tokens == end
+            assert r.new_token_ids == req.all_token_ids[r.num_computed_tokens:][
+                :len(r.new_token_ids)]
+            # Known tokens + those in flight, counting the one this step starts sampling.
+            assert r.sample == (end == req.num_tokens + req.num_pending - r.sample)
             if r.request_id not in self.runner:
                 assert r.prompt_token_ids == req.prompt_token_ids and r.full_block_ids
                 self.runner[r.request_id] = ([], list(r.prompt_token_ids))
@@ -279,16 +310,21 @@ class SchedulerMachine(RuleBasedStateMachine):
                 blocks[:] = r.block_ids
             else:
                 blocks.extend(r.block_ids)
+            assert r.num_computed_tokens <= len(tokens)
             del tokens[r.num_computed_tokens:]
             tokens.extend(r.new_token_ids)
+            if r.num_pending_inputs:
+                tokens.append(self.device_sampled[r.request_id])
             assert blocks == s.kv.block_ids(r.request_id)
             assert len(blocks) * BLOCK_SIZE >= end, "blocks do not cover the computed tokens"
             assert len(blocks) <= -(-MAX_MODEL_LEN // BLOCK_SIZE) + 1  # fits the block table
-            self.content.write(blocks, tokens, r.num_computed_tokens, len(r.new_token_ids))
+            self.content.write(blocks, tokens, r.num_computed_tokens, n)
         # Reads happen after this step's writes (per layer, every backend stores K/V first).
         for r in out.requests:
             blocks, tokens = self.runner[r.request_id]
             self.content.verify(blocks, tokens, len(tokens), r.request_id)
+        self.device_sampled.update(sampled)
+        return sampled
 
     @invariant()
     def accounting(self) -> None:
@@ -312,18 +348,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         # Run what is left to completion (bounded: no livelock), then all blocks are free
         # and the runner has been told about every finished request.
         for _ in range(2000):
-            if not self.s.has_unfinished():
+            if not self.s.has_unfinished() and self.inflight is None:
                 break
-            out = self.s.schedule()
-            self._check_step(out)
-            for req in self.s.update(out, {r.request_id: 1 for r in out.requests if r.sample}):
-                if req.status.finished:
-                    self.finished.add(req.request_id)
-        assert not self.s.has_unfinished()
-        self._check_step(self.s.schedule())
+            self.step(_FixedData(), False)
+        assert not self.s.has_unfinished() and self.inflight is None
+        self._run(self.s.schedule(), {})
         assert self.runner == {}
         check_kv_invariants(self.s.kv)
         assert self.s.kv.num_free_blocks == NUM_BLOCKS
+
+
+class _FixedData:
+    """Stands in for ``st.data()`` after the test body: every draw is token 1 (never EOS)."""
+
+    def draw(self, strategy: object) -> int:
+        return 1
 
 
 SchedulerMachine.TestCase.settings = settings(

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -71,8 +70,12 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tp2_engines(models: dict[str, str]) -> dict[str, LLM]:
-    """A TP=2 engine per model, both alive at once (shared by several tests)."""
-    engines = {f: LLM(path, tensor_parallel_size=2, **ENGINE_KW) for f, path in models.items()}
+    """A TP=2 engine per model, both alive at once (shared by several tests). They schedule
+    asynchronously (every rank queues step N+1 before step N is finished); the engines of
+    the other tests run synchronously, the CPU default."""
+    engines = {f: LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE_KW)
+               for f, path in models.items()}
+    assert all(llm.engine.async_scheduling for llm in engines.values())
     yield engines
     for llm in engines.values():
         llm.engine.shutdown()
@@ -177,19 +180,28 @@ def test_killed_worker_fails_fast_and_shutdown_cleans_up(models: dict[str, str])
     assert _wait_gone(pids) == []
 
 
-def test_worker_killed_mid_generate_and_del_cleans_up(models: dict[str, str]) -> None:
+def test_worker_killed_mid_step_fails_fast(models: dict[str, str]) -> None:
+    """Rank 0 dies while the driver waits for its reply to the 5th step; the failure stops
+    rank 1 (stuck in a collective with the dead rank) too."""
     llm = LLM(models["llama"], tensor_parallel_size=2, **ENGINE_KW)
     pids = llm.engine.executor.worker_pids
-    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
-    killer = threading.Timer(0.3, os.kill, (pids[0], signal.SIGKILL))
-    killer.start()
+    ranks = llm.engine.executor._ranks
+    submit, sent = ranks.submit, []
+
+    def submit_then_kill(payload: bytes) -> object:
+        pending = submit(payload)
+        sent.append(pending)
+        if len(sent) == 5:
+            os.kill(pids[0], signal.SIGKILL)
+        return pending
+
+    ranks.submit = submit_then_kill
+    long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"tensor-parallel worker rank 0 died \(exit code -9"):
         llm.generate([[i + 2] * 4 for i in range(8)], long, use_tqdm=False)
-    assert time.monotonic() - start < 0.3 + FAIL_FAST_S
-    killer.join()
-    del llm
-    gc.collect()
+    assert time.monotonic() - start < FAIL_FAST_S
+    assert len(sent) == 5
     assert _wait_gone(pids) == []
 
 

@@ -40,6 +40,8 @@ class CUDAGraphRunner:
         self.full: dict[BatchDescriptor, CapturedGraph] = {}
         self.piecewise: dict[int, BreakableGraph] = {}
         self.compiled = compiled
+        if self.compiled is not None:
+            self.compiled.impl = self.impl  # captures of the reused model go to this pool
         if self.compiled is None and mode.has_piecewise() and cfg.piecewise_backend == "compile":
             from tachyon.cudagraph.compiled import CompiledPiecewiseModel
 

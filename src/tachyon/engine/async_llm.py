@@ -190,6 +190,7 @@ class AsyncLLM:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        engine.emit_unfinished = True  # streams need an output per new token
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[object]] = {}  # event-loop side only
         self._tracked: dict[str, _Tracked] = {}  # engine-thread side only: engine id -> state

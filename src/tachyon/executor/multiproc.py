@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -52,13 +53,16 @@ from tachyon.distributed.parallel_state import (
     init_distributed,
 )
 from tachyon.engine.scheduler import SchedulerOutput
-from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput
+from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
 
 logger = logging.getLogger(__name__)
 
 _STOP = pickle.dumps(None)  # the step that ends the serve loops
 # A clean shutdown gets this long (NCCL teardown included) before the workers are killed.
 SHUTDOWN_GRACE_S = 10.0
+# How often rank 0 looks for the driver's next step while the device finishes the last one:
+# short against a step (milliseconds), long enough not to busy-spin a core.
+_POLL_INTERVAL_S = 50e-6
 # After a first failure, how long to wait for the other ranks' reports, to name every cause.
 FAILURE_SETTLE_S = 0.5
 
@@ -80,15 +84,21 @@ class TPWorker:
         self.runner.allocate_kv_cache(self.num_blocks)
         self.startup_report = f"{self.runner.init_graphs()} tp={world_size}"
 
-    def execute(self, payload: bytes) -> ModelRunnerOutput:
-        """Rank 0: ship the pickled step to the other ranks, then run it here."""
+    def execute_async(self, payload: bytes) -> PendingOutput:
+        """Rank 0: ship the pickled step to the other ranks, then queue it here."""
         self.control.broadcast_bytes(payload)
-        return self.runner.execute(pickle.loads(payload))
+        return self.runner.execute_async(pickle.loads(payload))
 
     def serve(self) -> None:
-        """Ranks > 0: run what rank 0 broadcasts until it broadcasts the stop."""
+        """Ranks > 0: run what rank 0 broadcasts until it broadcasts the stop. Each step is
+        queued before the previous one is finished, as on rank 0 (asynchronous scheduling
+        fills a step's inputs on the device from the previous step's samples)."""
+        prev: PendingOutput | None = None
         while (out := pickle.loads(self.control.broadcast_bytes(None))) is not None:
-            self.runner.execute(out)
+            pending = self.runner.execute_async(out)
+            if prev is not None:
+                prev.result()
+            prev = pending
 
     def close(self) -> None:
         """Rank 0 tells the others to stop first; then every rank leaves the world."""
@@ -121,7 +131,11 @@ class MultiprocExecutor:
         return self._ranks.pids
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self._ranks.execute(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+        return self.execute_model_async(out).result()
+
+    def execute_model_async(self, out: SchedulerOutput) -> PendingOutput | _RemotePending:
+        """Queue a step on every rank; ``result()`` waits for rank 0's sampled tokens."""
+        return self._ranks.submit(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
 
     def shutdown(self) -> None:
         self._ranks.close()
@@ -138,8 +152,8 @@ class _LaunchedRank0:
         # At exit too: the other ranks must hear the stop, or they wait out their timeout.
         self._finalizer = weakref.finalize(self, worker.close)
 
-    def execute(self, payload: bytes) -> ModelRunnerOutput:
-        return self.worker.execute(payload)
+    def submit(self, payload: bytes) -> PendingOutput:
+        return self.worker.execute_async(payload)
 
     def close(self) -> None:
         self._finalizer()
@@ -189,7 +203,8 @@ class _SpawnedRanks:
         self._finalizer = weakref.finalize(self, self._workers.shut_down)
         self.failure: str | None = None
         self._ended: set[int] = set()  # ranks whose error or death was reported
-        self._pending = False  # a step was sent and its result not yet read
+        self._sent = self._received = 0  # steps sent to rank 0, replies read
+        self._unclaimed: dict[int, ModelRunnerOutput] = {}
         level = logging.getLogger().getEffectiveLevel()
         try:
             for rank in range(world):
@@ -210,22 +225,31 @@ class _SpawnedRanks:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def execute(self, payload: bytes) -> ModelRunnerOutput:
+    def submit(self, payload: bytes) -> _RemotePending:
+        """Send a step to rank 0. Replies come back in the order the steps went out."""
         if self.failure is not None:
             raise RuntimeError(f"{self.failure} (the tensor-parallel workers are gone; "
                                f"start a new engine)")
-        if self._pending:  # the caller gave up on the last step (Ctrl-C): its result is stale
-            self._await_result()
         if not all(p.is_alive() for p in self.procs):
             self._fail([])
         try:
             self.conns[0].send_bytes(payload)
         except OSError:  # rank 0 is gone
             self._fail([])
-        self._pending = True
-        result = self._await_result()
-        self._pending = False
-        return result
+        self._sent += 1
+        return _RemotePending(self, self._sent - 1)
+
+    def result(self, seq: int) -> ModelRunnerOutput:
+        """Rank 0's reply to step ``seq``; replies to earlier steps are kept for their
+        owners (or dropped with this object if a caller gave up on them, e.g. Ctrl-C)."""
+        if seq in self._unclaimed:
+            return self._unclaimed.pop(seq)
+        while True:
+            out = self._await_result()
+            self._received += 1
+            if self._received - 1 == seq:
+                return out
+            self._unclaimed[self._received - 1] = out
 
     def close(self) -> None:
         self.failure = self.failure or "the engine was shut down"
@@ -301,8 +325,23 @@ class _SpawnedRanks:
         parts += [f"tensor-parallel worker rank {r} failed: {e.type_name}: {e.message}"
                   for r, e in errors]
         self.failure = "; ".join(parts) or "tensor-parallel workers stopped"
-        detail = f"\n\nrank {errors[0][0]} {errors[0][1].traceback}" if errors else ""
+        # A death is the cause and peers' errors its echo; otherwise the first error is.
+        detail = f"\n\nrank {errors[0][0]} {errors[0][1].traceback}" \
+            if errors and not deaths else ""
         raise RuntimeError(self.failure + detail)
+
+
+class _RemotePending:
+    """A step on its way through the workers (the spawned twin of ``PendingOutput``)."""
+
+    def __init__(self, ranks: _SpawnedRanks, seq: int) -> None:
+        self.ranks, self.seq = ranks, seq
+        self._result: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._result is None:
+            self._result = self.ranks.result(self.seq)
+        return self._result
 
 
 @dataclass(frozen=True)
@@ -386,15 +425,33 @@ def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
 
 
 def _drive(worker: TPWorker, conn: Connection) -> None:
-    """Rank 0's loop: steps from the driver's pipe until the stop or the driver's end (EOF)."""
+    """Rank 0's loop: steps from the driver's pipe until the stop or the driver's end (EOF).
+
+    A step that arrives while the last one still runs on the device is queued before the
+    last one is finished, so the device never waits for this loop's host work.
+    """
+    inflight: deque[PendingOutput] = deque()
     while True:
+        if inflight and not _next_step_first(conn, inflight[0]):
+            conn.send(("result", inflight.popleft().result()))
+            continue
         try:
             payload = conn.recv_bytes()
         except EOFError:
             return
         if payload == _STOP:
             return
-        conn.send(("result", worker.execute(payload)))
+        inflight.append(worker.execute_async(payload))
+
+
+def _next_step_first(conn: Connection, pending: PendingOutput) -> bool:
+    """Wait until the driver's next step arrives (True) or ``pending`` is done (False)."""
+    event = pending.event
+    while event is not None and not event.query():
+        if conn.poll():
+            return True
+        time.sleep(_POLL_INTERVAL_S)
+    return conn.poll()
 
 
 def _report(conn: Connection, e: BaseException) -> None:
