@@ -48,21 +48,25 @@ class TorchAttentionBackend(AttentionBackend):
         common = metadata.common
         n = common.num_actual_tokens
         write_kv(key[:n], value[:n], k_cache, v_cache, common.slot_mapping[:n])
-        block_size = k_cache.shape[1]
-        group = query.shape[1] // k_cache.shape[2]
         if common.num_tokens > n:
-            output[n:].zero_()
+            output[n:].zero_()  # padded tokens belong to no request
+        block_size = k_cache.shape[1]
         for r, start, end, ctx_len in metadata.spans:
             q_len = end - start
             nblocks = -(-ctx_len // block_size)
             blocks = common.block_table[r, :nblocks]
-            k = k_cache[blocks].flatten(0, 1)[:ctx_len]  # [ctx, Hk, D]
-            v = v_cache[blocks].flatten(0, 1)[:ctx_len]
+            k = k_cache[blocks].flatten(0, 1)[:ctx_len].transpose(0, 1)  # [Hk, ctx, D]
+            v = v_cache[blocks].flatten(0, 1)[:ctx_len].transpose(0, 1)
             q = query[start:end].transpose(0, 1)  # [Hq, q_len, D]
-            k = k.transpose(0, 1).repeat_interleave(group, dim=0).to(q.dtype)
-            v = v.transpose(0, 1).repeat_interleave(group, dim=0).to(q.dtype)
-            # Query i sits at position ctx_len - q_len + i and sees keys up to there.
-            qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device).unsqueeze(1)
-            mask = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= qpos
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.spec.scale)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            if q_len == 1 or q_len == ctx_len:
+                # One query sees everything; a whole prompt is plainly causal.
+                out = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=q_len > 1, scale=self.spec.scale, enable_gqa=True)
+            else:
+                # Query i sits at position ctx_len - q_len + i and sees keys up to there.
+                qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device).unsqueeze(1)
+                mask = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= qpos
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=self.spec.scale, enable_gqa=True)
             output[start:end] = out.transpose(0, 1)
