@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 
 import torch
 
@@ -23,6 +25,8 @@ class UniProcExecutor:
         self.runner.allocate_kv_cache(self.num_blocks)
         self.startup_report = self.runner.init_graphs()
         self.graph_stats = self.runner.graph_stats
+        # Graphs must go before the CUDA allocator is torn down at interpreter exit.
+        atexit.register(_shutdown_ref, weakref.ref(self))
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)
@@ -34,6 +38,9 @@ class UniProcExecutor:
         """Drop the model, KV cache and graphs so their device memory can be reused."""
         if self.runner is None:
             return
+        if self.runner.graph_runner is not None:
+            self.runner.graph_runner.release()
+            self.runner.graph_runner = None
         self.runner = None
         import gc
 
@@ -43,3 +50,9 @@ class UniProcExecutor:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _shutdown_ref(ref: weakref.ref) -> None:
+    executor = ref()
+    if executor is not None:
+        executor.shutdown()
