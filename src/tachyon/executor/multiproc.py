@@ -5,7 +5,9 @@ and of the KV heads. Rank 0 drives: it takes each ``SchedulerOutput`` as bytes (
 broadcasts them to the other ranks over the gloo control plane, runs the step and returns the
 sampled tokens. The other ranks run the same step from the same bytes and meet rank 0 in the
 forward's all-reduces. Every rank samples from the same gathered logits with the same seeds;
-only rank 0's tokens leave.
+only rank 0's tokens leave, but every rank holds the same ones on its device, which is what
+asynchronous scheduling needs (step N+1 is queued, its inputs filled on the device from step
+N's samples, before step N's tokens reach the host).
 
 How the ranks start:
 
@@ -83,6 +85,7 @@ class TPWorker:
         self.num_blocks = self.control.min_int(self.runner.determine_num_blocks())
         self.runner.allocate_kv_cache(self.num_blocks)
         self.startup_report = f"{self.runner.init_graphs()} tp={world_size}"
+        self.graph_stats = {**self.runner.graph_stats, "tp": world_size}
 
     def execute_async(self, payload: bytes) -> PendingOutput:
         """Rank 0: ship the pickled step to the other ranks, then queue it here."""
@@ -106,7 +109,10 @@ class TPWorker:
             return
         if self.rank == 0:
             self.control.broadcast_bytes(_STOP)
-        self.runner = None  # graphs and KV cache go before the communicator they use
+        # Graphs and KV cache go before the communicator their collectives use.
+        if self.runner.graph_runner is not None:
+            self.runner.graph_runner.release()
+        self.runner = None
         gc.collect()
         destroy_distributed()
 
@@ -124,6 +130,7 @@ class MultiprocExecutor:
             self._ranks = _join_launched_world(config, world, launch)
         self.num_blocks = self._ranks.num_blocks
         self.startup_report = self._ranks.startup_report
+        self.graph_stats = self._ranks.graph_stats  # rank 0's
 
     @property
     def worker_pids(self) -> list[int]:
@@ -148,6 +155,7 @@ class _LaunchedRank0:
     def __init__(self, worker: TPWorker) -> None:
         self.worker = worker
         self.num_blocks, self.startup_report = worker.num_blocks, worker.startup_report
+        self.graph_stats = worker.graph_stats
         self.pids = [os.getpid()]
         # At exit too: the other ranks must hear the stop, or they wait out their timeout.
         self._finalizer = weakref.finalize(self, worker.close)
@@ -187,16 +195,16 @@ def _check_gpus(config: EngineConfig, needed: int) -> None:
 class _SpawnedRanks:
     """N worker processes on this machine, and the pipes to them.
 
-    Messages, worker to driver: ("ready", (num_blocks, report)) once from every rank;
-    ("result", ModelRunnerOutput) from rank 0 per step; ("error", (exception, traceback)) from
-    a rank that fails, which then exits. Driver to rank 0: pickled steps, ``_STOP`` at the end.
+    Messages, worker to driver: ("ready", (num_blocks, report, graph stats)) once from each
+    rank; ("result", ModelRunnerOutput) from rank 0 per step, in step order; ("error",
+    _RemoteError) from a rank that fails, which then exits. Driver to rank 0: pickled steps,
+    ``_STOP`` at the end.
     """
 
     def __init__(self, config: EngineConfig, world: int) -> None:
         _check_gpus(config, world)
         ctx = mp.get_context("spawn")
-        self.store_dir = tempfile.mkdtemp(prefix="tachyon-tp-")
-        init_method = "file://" + os.path.join(self.store_dir, "store")
+        self.store_dir = tempfile.mkdtemp(prefix="tachyon-tp-")  # where the ranks meet
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._workers = _Workers(self.procs, self.conns, self.store_dir)
@@ -210,12 +218,12 @@ class _SpawnedRanks:
             for rank in range(world):
                 ours, theirs = ctx.Pipe()
                 p = ctx.Process(target=_worker_main, name=f"tachyon-tp{rank}", daemon=True,
-                                args=(config, rank, world, init_method, theirs, level))
+                                args=(config, rank, world, self.store_dir, theirs, level))
                 p.start()
                 theirs.close()
                 self.procs.append(p)
                 self.conns.append(ours)
-            self.num_blocks, self.startup_report = self._await_ready()
+            self.num_blocks, self.startup_report, self.graph_stats = self._await_ready()
             self._workers.serving = True
         except BaseException:
             self.close()
@@ -256,8 +264,8 @@ class _SpawnedRanks:
         self._finalizer()
 
     # -- waiting on the workers ----------------------------------------------------------------
-    def _await_ready(self) -> tuple[int, str]:
-        first: tuple[int, str] | None = None
+    def _await_ready(self) -> tuple[int, str, dict[str, Any]]:
+        first: tuple[int, str, dict[str, Any]] | None = None
         waiting = set(range(len(self.procs)))
         while waiting:
             rank, kind, body = self._next_event()
@@ -396,17 +404,18 @@ def _describe_exit(code: int | None) -> str:
 
 
 # -- spawned workers: the worker's side ----------------------------------------------------------
-def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
+def _worker_main(config: EngineConfig, rank: int, world: int, store_dir: str,
                  conn: Connection, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    _exit_with_parent()
+    _exit_with_parent(store_dir)
+    init_method = "file://" + os.path.join(store_dir, "store")
     logging.basicConfig(level=log_level if rank == 0 else max(log_level, logging.WARNING),
                         format=f"%(levelname)s [tp{rank}] %(name)s: %(message)s")
     if config.device == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
         worker = TPWorker(config, rank, world, rank, init_method)
-        conn.send(("ready", (worker.num_blocks, worker.startup_report)))
+        conn.send(("ready", (worker.num_blocks, worker.startup_report, worker.graph_stats)))
         if rank == 0:
             _drive(worker, conn)
         else:
@@ -460,14 +469,16 @@ def _report(conn: Connection, e: BaseException) -> None:
         conn.send(("error", err))
 
 
-def _exit_with_parent() -> None:
-    """Leave at once if the driver dies (even by SIGKILL, which runs no finalizer)."""
+def _exit_with_parent(store_dir: str) -> None:
+    """Leave at once if the driver dies (even by SIGKILL, which runs no finalizer), removing
+    the rendezvous directory the driver can no longer remove."""
     parent = mp.parent_process()
     if parent is None:
         return
 
     def watch() -> None:
         wait([parent.sentinel])
+        shutil.rmtree(store_dir, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="tachyon-parent-watch", daemon=True).start()
