@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import TINY_SPECS, TINY_VOCAB
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine
 from tachyon.sampling_params import SamplingParams
+from tachyon_testing import TINY_SPECS, TINY_VOCAB
 
 REL_TOL = 1e-4
 GGUF_REL_TOL = 1e-3
@@ -142,7 +142,7 @@ def test_chunked_prefill_and_prefix_hits_match_hf(name: str, tiny_models: dict[s
                                                   hf_models: dict[str, Any]) -> None:
     """A token budget of 12 chunks every prefill and mixes it with decodes; prompts that
     share 8..20-token prefixes arrive staggered, so later ones start from cached blocks
-    (some partially filled by a request that is still running)."""
+    (some registered by a request that is still running)."""
     rng = random.Random(name)
     base = random_prompts(rng, [40])[0]
     prompts = [base[:n] + random_prompts(rng, [rng.randint(1, 9)])[0] for n in (20, 8, 13, 20)]

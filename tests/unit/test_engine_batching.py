@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import random
 
-from conftest import TINY_VOCAB
 from tachyon import LLM, SamplingParams
 from tachyon.engine.scheduler import SchedulerOutput
+from tachyon_testing import TINY_VOCAB
 
 BLOCK_SIZE = 4
-MAX_TOKENS = 12
+MAX_TOKENS = 10
 MAX_MODEL_LEN = 160
 
 
@@ -46,7 +46,7 @@ def solo_outputs(path: str, prompts: list[list[int]], params: SamplingParams) ->
 
 def test_batched_chunked_preempted_equals_solo(tiny_llama: str, rng: random.Random) -> None:
     lengths = [rng.randint(5, 120) for _ in range(30)]
-    lengths[rng.randrange(30)] = 120  # the longest must fit the pool alone
+    lengths[rng.randrange(30)] = 120  # always include the longest prompt
     prompts = [[rng.randrange(TINY_VOCAB) for _ in range(n)] for n in lengths]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
@@ -91,13 +91,46 @@ def test_shared_prefixes_batched_equal_solo(tiny_llama: str, rng: random.Random)
 
 
 def test_seeded_sampling_is_batch_invariant(tiny_llama: str, rng: random.Random) -> None:
-    """A seeded random request draws the same tokens alone and inside a busy batch."""
-    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(3, 50))] for _ in range(6)]
+    """A seeded random request draws the same tokens alone and inside a busy batch, even
+    when it is preempted and recomputed."""
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(40, 60))] for _ in range(6)]
     params = [SamplingParams(temperature=1.0, top_k=50, seed=rng.randrange(1 << 30),
                              max_tokens=MAX_TOKENS, ignore_eos=True) for _ in prompts]
     llm = LLM(model=tiny_llama, device="cpu", block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
-              max_num_batched_tokens=24, max_num_seqs=4, num_gpu_blocks_override=30)
+              max_num_batched_tokens=24, max_num_seqs=4, num_gpu_blocks_override=40)
     batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert llm.engine.stats["preemptions"] > 0  # four seats of >= 13 blocks in 40 blocks
     solo = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids
             for p, sp in zip(prompts, params, strict=True)]
     assert batched == solo
+
+
+def test_aborts_free_blocks_and_leave_the_rest_untouched(tiny_llama: str,
+                                                         rng: random.Random) -> None:
+    """Abort one running and one waiting request mid-flight (and an unknown id): the others
+    finish exactly as they would alone, nothing is returned for the aborted ones, and every
+    block is free at the end."""
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(5, 40))] for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    llm = LLM(model=tiny_llama, device="cpu", block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
+              max_num_batched_tokens=32, max_num_seqs=3)
+    engine = llm.engine
+    ids = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    for _ in range(3):
+        engine.step()
+    running = {r.request_id for r in engine.scheduler.running}
+    waiting = {r.request_id for r in engine.scheduler.waiting}
+    victims = [sorted(running)[0], sorted(waiting)[0]]
+    engine.abort_request([*victims, "no-such-request"])
+    assert engine.kv.block_ids(victims[0]) == []
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id not in victims
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert engine.num_free_blocks() == engine.kv.pool.num_blocks
+    survivors = [i for i in ids if i not in victims]
+    assert sorted(done) == sorted(survivors)
+    solo = solo_outputs(tiny_llama, [prompts[ids.index(i)] for i in survivors], params)
+    assert [done[i] for i in survivors] == solo

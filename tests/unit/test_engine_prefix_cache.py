@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from conftest import TINY_VOCAB
 from tachyon import LLM, SamplingParams
 from tachyon.engine.scheduler import SchedulerOutput
+from tachyon_testing import TINY_VOCAB
 
 MAX_TOKENS = 8
 

@@ -16,11 +16,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-from conftest import FakeKVContent, check_kv_invariants
 from tachyon.engine import kv_cache_manager as kvm
 from tachyon.engine.kv_cache_manager import BlockPool, KVCacheManager
 from tachyon.engine.request import Request
 from tachyon.sampling_params import SamplingParams
+from tachyon_testing import FakeKVContent, check_kv_invariants
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=100)
 
@@ -79,7 +79,7 @@ def test_prefix_hit_shares_blocks_and_counts_references() -> None:
     a = make_request("a", list(range(9)))
     assert admit(kv, a)
     a.num_computed_tokens = 9
-    b = make_request("b", list(range(8)) + [42, 43])
+    b = make_request("b", [*range(8), 42, 43])
     hits = kv.get_computed_blocks(b)
     assert [h.block_id for h in hits] == kv.block_ids("a")[:2]
     assert admit(kv, b)

@@ -1,7 +1,8 @@
 """Scheduler: hand-worked steps (budget, seats, chunking, mixing, preemption order), and a
 hypothesis state machine with a fake model: random arrivals with overlapping prompts (prefix
-hits), aborts (also while a step runs), EOS and length finishes. A fake K/V store, written
-through the block ids the runner is sent, proves every request reads its own history."""
+hits), aborts (also while a step runs), EOS and length finishes, synchronous and asynchronous
+(step N+1 scheduled before step N's tokens are known). A fake K/V store, written through the
+block ids the runner is sent, proves every request reads its own history."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from conftest import FakeKVContent, check_kv_invariants
 from tachyon.config import SchedulerConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.engine.scheduler import Scheduler, SchedulerOutput
 from tachyon.sampling_params import SamplingParams
+from tachyon_testing import FakeKVContent, check_kv_invariants
 
 EOS = 0
 
@@ -87,7 +88,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget() -> None:
 
 
 def test_preemption_frees_the_newest_and_requeues_it_first() -> None:
-    # 5 blocks of 4: a (7 tokens) and b (7 tokens) take 2 each; growth needs a 5th and 6th.
+    # 5 blocks of 4: a and b (7 tokens) take 2 each, c (3 tokens) the last one.
     s = make_scheduler(num_blocks=5, budget=32, max_num_seqs=4)
     a = make_request("a", [1] * 7, max_tokens=20)
     b = make_request("b", [2] * 7, max_tokens=20)
@@ -129,7 +130,7 @@ def test_prefix_hit_is_taken_before_budgeting() -> None:
     for _ in range(3):
         out = s.schedule()
         s.update(out, sample_all(out))
-    s.add_request(make_request("b", list(range(1, 13)) + [40, 41]))  # shares 3 blocks
+    s.add_request(make_request("b", [*range(1, 13), 40, 41]))  # shares 3 blocks
     out = s.schedule()
     assert shares(out) == {"a": 1, "b": 2}
     (b,) = [r for r in out.requests if r.request_id == "b"]

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY_VOCAB
 
 from tachyon import LLM, SamplingParams
 from tachyon.attention.base import CGSupport
 from tachyon.config import EngineArgs
 from tachyon.cudagraph.modes import CUDAGraphMode, resolve_cudagraph_mode
 from tachyon.engine.llm_engine import LLMEngine
+from tachyon_testing import TINY_VOCAB
 
 MAX_MODEL_LEN = 64
 GOOD_PROMPT = [5, 17, 33, 101, 7, 250]
@@ -129,6 +129,13 @@ def test_bad_sampling_params(case: str, engine: LLMEngine, reference_tokens: lis
                               lambda: engine.add_request(None, GOOD_PROMPT, params), match)
 
 
+def test_stop_token_id_outside_vocab(engine: LLMEngine, reference_tokens: list[int]) -> None:
+    params = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[TINY_VOCAB + 7])
+    rejected_without_harm(engine, reference_tokens,
+                          lambda: engine.add_request(None, GOOD_PROMPT, params),
+                          rf"stop token id {TINY_VOCAB + 7} is outside the vocabulary")
+
+
 def test_duplicate_request_id(engine: LLMEngine, reference_tokens: list[int]) -> None:
     engine.add_request("dup", GOOD_PROMPT, GOOD_PARAMS)
     rejected_without_harm(engine, reference_tokens,
@@ -149,6 +156,12 @@ def test_generate_rejects_a_batch_with_one_bad_prompt_before_queueing_any(
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([GOOD_PROMPT, [1, TINY_VOCAB + 3]], GOOD_PARAMS, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+    bad_stop = SamplingParams(max_tokens=4, stop_token_ids=[TINY_VOCAB])
+    with pytest.raises(ValueError, match="stop token id"):
+        llm.generate([GOOD_PROMPT, GOOD_PROMPT], [GOOD_PARAMS, bad_stop], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match=r"params must be a tachyon\.SamplingParams"):
+        llm.generate([GOOD_PROMPT], {"temperature": 0}, use_tqdm=False)
     with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
         llm.generate([GOOD_PROMPT, GOOD_PROMPT], [GOOD_PARAMS], use_tqdm=False)
     with pytest.raises(ValueError, match="no prompts given"):
@@ -162,12 +175,12 @@ def test_generate_rejects_a_batch_with_one_bad_prompt_before_queueing_any(
 
 
 def test_unknown_model_path(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown model .*does not download models"):
+    with pytest.raises(ValueError, match=r"unknown model .*does not download models"):
         LLM(model=str(tmp_path / "no-such-model"), device="cpu")
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="has no config.json"):
+    with pytest.raises(ValueError, match=r"has no config\.json"):
         LLM(model=str(tmp_path), device="cpu")
 
 
@@ -179,7 +192,7 @@ def copy_model(src: str, dst: Path) -> Path:
 def test_malformed_config_json(tiny_llama: str, tmp_path: Path) -> None:
     path = copy_model(tiny_llama, tmp_path / "m")
     (path / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
-    with pytest.raises(ValueError, match="cannot read .*config.json"):
+    with pytest.raises(ValueError, match=r"cannot read .*config.json"):
         LLM(model=str(path), device="cpu")
 
 
@@ -188,7 +201,7 @@ def test_config_without_model_type(tiny_llama: str, tmp_path: Path) -> None:
     cfg = json.loads((path / "config.json").read_text())
     del cfg["model_type"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="cannot read .*config.json"):
+    with pytest.raises(ValueError, match=r"cannot read .*config.json"):
         LLM(model=str(path), device="cpu")
 
 
@@ -197,7 +210,7 @@ def test_unsupported_architecture(tiny_llama: str, tmp_path: Path) -> None:
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = ["MambaForCausalLM"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported architecture .*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"unsupported architecture .*LlamaForCausalLM"):
         LLM(model=str(path), device="cpu")
 
 
@@ -252,7 +265,7 @@ def test_preset_without_dummy_load_format() -> None:
 
 
 def test_unknown_engine_kwarg(tiny_llama: str) -> None:
-    with pytest.raises(ValueError, match="unknown engine argument.*max_num_sequences.*known: "):
+    with pytest.raises(ValueError, match=r"unknown engine argument.*max_num_sequences.*known: "):
         LLM(model=tiny_llama, device="cpu", max_num_sequences=4)
 
 

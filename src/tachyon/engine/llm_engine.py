@@ -107,9 +107,7 @@ class LLMEngine:
                     arrival_time: float | None = None) -> str:
         """Validate then queue. On error nothing is queued and nothing already queued changes."""
         params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError("params must be a tachyon.SamplingParams")
-        params.validate()
+        self._check_params(params)
         text, ids = self.tokenize(prompt)
         self._check_prompt(ids)
         rid = request_id if request_id is not None else str(next(self._ids))
@@ -136,6 +134,15 @@ class LLMEngine:
             self.scheduler.add_request(seq.request)
         self.stats["prompt_tokens"] += len(ids) * params.n
         return rid
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a tachyon.SamplingParams")
+        params.validate()
+        outside = [t for t in params.stop_token_ids or () if t >= self.vocab_size]
+        if outside:
+            raise ValueError(f"stop token id {outside[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -230,13 +237,18 @@ class LLMEngine:
         if lps and out.logprobs is not None:
             out.logprobs.append(dict(lps))
             out.cumulative_logprob += lps[0][1]
-        hit_stop = seq.detok.add_token(token) if seq.detok is not None else False
-        if req.status.finished:
+        # As in vLLM, the EOS or stop token that ended the request adds no text.
+        on_stop_token = (req.status is RequestStatus.FINISHED_STOPPED
+                         and not req.params.include_stop_str_in_output)
+        hit_stop = seq.detok.add_token(token) if seq.detok is not None and not on_stop_token \
+            else False
+        if hit_stop:  # a stop string wins over a length limit reached by the same token
+            out.finish_reason, out.stop_reason = "stop", seq.detok.stop_reason
+            if not req.status.finished:
+                stopped.append(req.request_id)
+        elif req.status.finished:
             out.finish_reason = "length" if req.status is RequestStatus.FINISHED_LENGTH else "stop"
             out.stop_reason = req.stop_reason
-        elif hit_stop:
-            out.finish_reason, out.stop_reason = "stop", seq.detok.stop_reason
-            stopped.append(req.request_id)
         if out.finish_reason is not None and seq.detok is not None and not hit_stop:
             seq.detok.flush()
         if seq.detok is not None:

@@ -41,6 +41,9 @@ class ScheduledRequest:
     num_pending_inputs: int = 0
     prompt_token_ids: list[int] | None = None  # with the first schedule only
     params: SamplingParams | None = None  # with the first schedule only
+    # With the first schedule only: EOS and stop token ids the sampler must not draw while
+    # the request has fewer than ``params.min_tokens`` outputs.
+    min_tokens_stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,8 @@ class Scheduler:
             num_pending_inputs=n - len(known),
             prompt_token_ids=req.prompt_token_ids if first else None,
             params=req.params if first else None,
+            min_tokens_stop_ids=tuple(sorted(req.eos_token_ids | req.stop_token_ids))
+            if first and req.params.min_tokens else (),
         )
         # Counted as computed now, so the next step can be scheduled before this one ends.
         req.num_computed_tokens = start + n

@@ -57,7 +57,7 @@ class LLM:
                 )
         # Validate everything before queueing anything: a bad prompt loses nothing.
         for p in params:
-            p.validate()
+            self.engine._check_params(p)
         for prompt in prompts:
             self.engine._check_prompt(self.engine.tokenize(prompt)[1])
         ids = []

@@ -44,6 +44,7 @@ class RequestState:
     placeholder: int | None = None  # index in token_ids still awaiting its sampled value
     row: int = -1  # block-table row it occupied last step
     row_blocks: int = 0  # how many of its block ids that row already holds
+    min_tokens_stop_ids: tuple[int, ...] = ()  # masked until params.min_tokens outputs
 
 
 @dataclass
@@ -365,7 +366,7 @@ class ModelRunner:
             # Start from the whole prompt: a prefix-cache hit skips computing its head, but
             # penalties still count those tokens.
             st = RequestState(len(s.prompt_token_ids), params, list(s.prompt_token_ids), [],
-                              gen)
+                              gen, min_tokens_stop_ids=s.min_tokens_stop_ids)
             self.states[s.request_id] = st
         if s.full_block_ids:
             st.block_ids = list(s.block_ids)
@@ -402,6 +403,7 @@ class ModelRunner:
             return PendingOutput.empty()
         k = len(plan.sample_rows)
         logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
+        self._mask_min_tokens(logits, plan)
         res = self.sampler(logits, meta)
         self._prev_sampled = res.sampled_token_ids
         self._prev_rows = {rid: i for i, rid in enumerate(plan.sample_ids)}
@@ -414,6 +416,20 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return PendingOutput(self, plan.sample_ids, host, event, res)
+
+    def _mask_min_tokens(self, logits: torch.Tensor, plan: StepPlan) -> None:
+        """Below ``min_tokens`` outputs, EOS and stop tokens cannot be drawn (as in vLLM)."""
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, rid in enumerate(plan.sample_ids):
+            st = self.states[rid]
+            # token_ids holds the prompt and the outputs so far (a pending one included).
+            if st.min_tokens_stop_ids and len(st.token_ids) - st.prompt_len < st.params.min_tokens:
+                rows += [i] * len(st.min_tokens_stop_ids)
+                cols += st.min_tokens_stop_ids
+        if rows:
+            idx = torch.tensor([rows, cols], dtype=torch.int64).to(self.device, non_blocking=True)
+            logits[idx[0], idx[1]] = float("-inf")
 
     def _finish(self, pending: PendingOutput) -> ModelRunnerOutput:
         if pending.event is not None:
