@@ -34,8 +34,12 @@ class SamplingParams:
             self.stop_strings = []
         elif isinstance(self.stop, str):
             self.stop_strings = [self.stop]
-        else:
+        elif isinstance(self.stop, list | tuple):
             self.stop_strings = list(self.stop)
+        else:
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, list | tuple):
+            raise ValueError("stop_token_ids must be a list of non-negative integers")
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -80,8 +84,9 @@ class SamplingParams:
             raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop must be a non-empty string or a list of non-empty strings")
-        if self.stop_token_ids is not None and not all(
-            isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+        if self.stop_token_ids is not None and (
+            not isinstance(self.stop_token_ids, list | tuple)
+            or not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids)
         ):
             raise bad("stop_token_ids must be a list of non-negative integers")
 

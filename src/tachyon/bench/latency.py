@@ -73,8 +73,8 @@ def _run_child(name: str, argv: list[str]) -> dict:
            "--json", out]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-2000:],
+    if proc.returncode != 0 and not os.path.getsize(out):
+        return {"error": (proc.stderr or proc.stdout)[-4000:],
                 "wall_s": time.perf_counter() - start}
     with open(out) as fh:
         data = json.load(fh)
@@ -125,7 +125,9 @@ def _child(ns: argparse.Namespace) -> int:
     data = {"mode": mode, "piecewise_backend": pw, "startup_s": startup,
             "engine": getattr(engine.executor, "graph_stats", {}), "steps": per_batch}
     write_json(ns.json, data)
-    return 0
+    llm.shutdown()
+    sys.stdout.flush()
+    os._exit(0)  # results are written; skip interpreter teardown of the device state
 
 
 def _summary(r: dict) -> str:

@@ -24,6 +24,7 @@ class KVBlock:
     ref_cnt: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] | None = None  # kept to verify cache hits
+    parent: int = -1  # id of the block before it when it was registered (-1: first block)
 
 
 class BlockPool:
@@ -43,12 +44,14 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self.free_queue)
 
-    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> KVBlock | None:
+    def lookup(self, block_hash: int, token_ids: tuple[int, ...], parent: int) -> KVBlock | None:
+        """A hit needs the same tokens *and* the same parent block: by induction over the
+        chain, its K/V was computed after exactly this prefix, whatever the hashes do."""
         block_id = self.cached.get(block_hash)
         if block_id is None:
             return None
         block = self.blocks[block_id]
-        return block if block.token_ids == token_ids else None
+        return block if block.token_ids == token_ids and block.parent == parent else None
 
     def take(self, n: int) -> list[KVBlock]:
         """``n`` fresh blocks (ref 1), evicting the least recently freed cached ones."""
@@ -77,16 +80,17 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = None
 
-    def register(self, block: KVBlock, block_hash: int, token_ids: tuple[int, ...]) -> None:
+    def register(self, block: KVBlock, block_hash: int, token_ids: tuple[int, ...],
+                 parent: int) -> None:
         if block.block_hash is not None:
             return
-        block.block_hash, block.token_ids = block_hash, token_ids
+        block.block_hash, block.token_ids, block.parent = block_hash, token_ids, parent
         self.cached.setdefault(block_hash, block.block_id)
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None and self.cached.get(block.block_hash) == block.block_id:
             del self.cached[block.block_hash]
-        block.block_hash, block.token_ids = None, None
+        block.block_hash, block.token_ids, block.parent = None, None, -1
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
@@ -133,7 +137,8 @@ class KVCacheManager:
         max_blocks = (req.num_tokens - 1) // bs
         hits: list[KVBlock] = []
         for i, h in enumerate(self._hashes(req, max_blocks)):
-            block = self.pool.lookup(h, tuple(req.all_token_ids[i * bs:(i + 1) * bs]))
+            parent = hits[-1].block_id if hits else -1
+            block = self.pool.lookup(h, tuple(req.all_token_ids[i * bs:(i + 1) * bs]), parent)
             if block is None:
                 break
             hits.append(block)
@@ -175,7 +180,9 @@ class KVCacheManager:
             return
         hashes = self._hashes(req, num_full)
         for i in range(start, num_full):
-            self.pool.register(blocks[i], hashes[i], tuple(req.all_token_ids[i * bs:(i + 1) * bs]))
+            self.pool.register(blocks[i], hashes[i],
+                               tuple(req.all_token_ids[i * bs:(i + 1) * bs]),
+                               blocks[i - 1].block_id if i else -1)
         self.req_num_hashed[req.request_id] = num_full
 
     def free(self, req: Request) -> None:

@@ -105,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
     gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: stdin)")
-    gen.add_argument("--chat-template", action="store_true",
-                     help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--chat-template", dest="chat_template", action="store_true", default=None,
+                     help="wrap the prompt as a user message in the model's chat template "
+                          "(the default when the tokenizer has one)")
+    gen.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                     help="send the prompt as raw text")
     add_engine_args(gen)
     add_sampling_args(gen)
 
@@ -165,7 +168,10 @@ def _generate(ns: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty; pass it as an argument or on stdin")
     params = sampling_params_from(ns)
     llm = LLM.from_engine_args(engine_args_from(ns))
-    if ns.chat_template:
+    tok = llm.get_tokenizer()
+    use_template = ns.chat_template if ns.chat_template is not None else bool(
+        tok is not None and getattr(tok, "chat_template", None))
+    if use_template:
         out = llm.chat([{"role": "user", "content": prompt}], params)
     else:
         out = llm.generate([prompt], params, use_tqdm=False)
