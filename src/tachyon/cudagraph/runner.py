@@ -115,7 +115,9 @@ class CUDAGraphRunner:
 
     def _context(self, desc: BatchDescriptor, mode: RuntimeMode) -> ForwardContext:
         r = self.runner
-        num_reqs = min(desc.num_tokens, r.max_num_seqs) if mode is RuntimeMode.FULL else 1
+        # One token per dummy request (context 1): a capture batch never claims more context
+        # than the cache holds, even the one-block cache of the trial capture.
+        num_reqs = min(desc.num_tokens, r.max_num_seqs)
         plan = r.stage_dummy(desc.num_tokens, num_reqs, desc.uniform_decode, mode)
         meta = r.backend.build_metadata(r._common_metadata(plan))
         return ForwardContext(r.backend, meta, r.kv_caches)
