@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter. Triton reads the switch when a kernel
+# is decorated, so it must be set before any test module imports tachyon's kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tachyon_testing import TINY_SPECS, write_tiny_model
 
