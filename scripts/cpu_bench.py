@@ -42,7 +42,7 @@ def tachyon_single_and_batch() -> tuple[float, float]:
     return single, batch
 
 
-def hf_single() -> float:
+def hf_single(dtype: torch.dtype = torch.float32) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tachyon.loader.resolve import default_gguf_path
@@ -50,7 +50,7 @@ def hf_single() -> float:
     path = default_gguf_path()
     d, f = os.path.dirname(path), os.path.basename(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     kw = dict(max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS, do_sample=False)
     with torch.inference_mode():
@@ -63,7 +63,8 @@ def hf_single() -> float:
 if __name__ == "__main__":
     res = {"first_token_s": first_token_seconds()}
     res["tachyon_single_tok_s"], res["tachyon_32_prompts_tok_s"] = tachyon_single_and_batch()
-    res["hf_single_tok_s"] = hf_single()
+    res["hf_single_tok_s"] = hf_single()  # transformers' default for this GGUF: float32
+    res["hf_single_bf16_tok_s"] = hf_single(torch.bfloat16)
     res["speedup_vs_hf"] = res["tachyon_single_tok_s"] / res["hf_single_tok_s"]
     res["torch_threads"] = torch.get_num_threads()
     print(json.dumps(res, indent=1))

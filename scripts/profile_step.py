@@ -6,6 +6,7 @@ import random
 import sys
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from tachyon import LLM, SamplingParams
 
@@ -28,8 +29,6 @@ for _ in range(50):
     eng.step()
 prof.disable()
 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-from torch.profiler import ProfilerActivity, profile
-
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
     for _ in range(10):
         eng.step()

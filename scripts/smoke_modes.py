@@ -12,8 +12,11 @@ rng = random.Random(0)
 prompts = [[rng.randrange(10000) for _ in range(rng.randint(5, 200))] for _ in range(13)]
 sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 ref = None
-for mode, pw in [(m.split(":")[0], m.split(":")[1]) for m in sys.argv[3].split(",")] if len(sys.argv) > 3 else [("NONE", "breakable"), ("FULL", "breakable"), ("PIECEWISE", "breakable"),
-                 ("FULL_AND_PIECEWISE", "breakable"), ("PIECEWISE", "compile")]:
+DEFAULT_MODES = [("NONE", "breakable"), ("FULL", "breakable"), ("PIECEWISE", "breakable"),
+                 ("FULL_AND_PIECEWISE", "breakable"), ("PIECEWISE", "compile")]
+modes = ([tuple(m.split(":")) for m in sys.argv[3].split(",")] if len(sys.argv) > 3
+         else DEFAULT_MODES)
+for mode, pw in modes:
     t = time.perf_counter()
     try:
         llm = LLM(model, load_format="dummy", dtype="float32", max_model_len=1024,

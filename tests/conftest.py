@@ -65,7 +65,9 @@ def default_llm(default_gguf: str) -> Iterator[Any]:
     """One engine over the embedded SmolLM2-135M-Instruct, shared by the whole session."""
     from tachyon import LLM
 
-    llm = LLM(device="cpu", max_model_len=512, kv_cache_memory="64MiB", max_num_seqs=16)
+    # float32: the parity tests compare it with transformers' own float32 GGUF load.
+    llm = LLM(device="cpu", dtype="float32", max_model_len=512, kv_cache_memory="64MiB",
+              max_num_seqs=16)
     yield llm
     llm.engine.shutdown()
 

@@ -325,8 +325,13 @@ def load_tokenizer(config: EngineConfig) -> Any:
         if path.endswith(".gguf"):
             import os
 
-            return AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                 gguf_file=os.path.basename(path))
+            from tachyon.loader.weights import cached_from_gguf
+
+            return cached_from_gguf(
+                path, "tokenizer",
+                lambda: AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                      gguf_file=os.path.basename(path)),
+                AutoTokenizer.from_pretrained)
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e

@@ -89,8 +89,13 @@ def _resolve_gguf(path: Path, load_format: str, tokenizer: str | None) -> Resolv
         raise ValueError(f"{path} is a GGUF file; use --load-format auto, gguf or dummy")
     from transformers import AutoConfig
 
+    from tachyon.loader.weights import cached_from_gguf
+
     try:
-        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        cfg = cached_from_gguf(
+            str(path), "config",
+            lambda: AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name),
+            AutoConfig.from_pretrained)
     except Exception as e:  # gguf raises assorted errors on damaged files
         raise ValueError(f"cannot read GGUF file {path}: {e}") from e
     if not getattr(cfg, "architectures", None):

@@ -35,11 +35,41 @@ def iterate_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"cannot read safetensors file {f}: {e}") from e
 
 
-def _gguf_cache_path(gguf_path: str) -> Path:
+def gguf_cache_dir(gguf_path: str) -> Path:
+    """Where what tachyon derives from a GGUF file is kept: dequantized weights, and the
+    config and tokenizer in HF form (reading them from the GGUF takes seconds). The key
+    changes when the file does."""
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode())
     root = Path(os.environ.get("TACHYON_CACHE_DIR", Path.home() / ".cache" / "tachyon"))
-    return root / "gguf" / f"{Path(gguf_path).stem}-{key.hexdigest()[:16]}.safetensors"
+    return root / "gguf" / f"{Path(gguf_path).stem}-{key.hexdigest()[:16]}"
+
+
+def _gguf_cache_path(gguf_path: str) -> Path:
+    return gguf_cache_dir(gguf_path).with_suffix(".safetensors")
+
+
+def cached_from_gguf(gguf_path: str, what: str, load_gguf: Any, load_dir: Any) -> Any:
+    """``what`` ("config" or "tokenizer") from the cache directory if present, else from the
+    GGUF file, then saved there for the next start. A broken cache is ignored."""
+    cache = gguf_cache_dir(gguf_path) / what
+    if cache.is_dir():
+        try:
+            return load_dir(str(cache))
+        except Exception as e:  # a torn or outdated cache: rebuild it
+            logger.warning("ignoring unreadable cached GGUF %s at %s: %s", what, cache, e)
+    obj = load_gguf()
+    try:
+        tmp = cache.with_name(f"{what}.tmp{os.getpid()}")
+        obj.save_pretrained(str(tmp))
+        if cache.exists():
+            import shutil
+
+            shutil.rmtree(cache, ignore_errors=True)
+        tmp.replace(cache)
+    except OSError as e:
+        logger.warning("could not cache the GGUF %s: %s", what, e)
+    return obj
 
 
 def iterate_gguf(gguf_path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
