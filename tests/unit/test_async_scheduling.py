@@ -7,22 +7,9 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from tachyon import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      vocab_size=300, max_position_embeddings=256)
-    d = tmp_path_factory.mktemp("tiny_llama_async")
-    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    return str(d)
+from tachyon_testing import TINY_VOCAB
 
 
 def _engine(model: str, async_scheduling: bool, kv_bytes: int) -> LLM:
@@ -33,9 +20,9 @@ def _engine(model: str, async_scheduling: bool, kv_bytes: int) -> LLM:
 @pytest.mark.parametrize("kv_bytes", [400_000, 100_000])  # roomy, then tight (preemption)
 def test_async_equals_sync(tiny_llama, kv_bytes):
     rng = random.Random()
-    prompts = [[rng.randrange(300) for _ in range(rng.randint(3, 60))] for _ in range(30)]
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(3, 60))] for _ in range(30)]
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 12),
-                             stop_token_ids=[rng.randrange(300)], n=rng.choice([1, 1, 2]))
+                             stop_token_ids=[rng.randrange(TINY_VOCAB)], n=rng.choice([1, 1, 2]))
               for _ in prompts]
     sync, asyn = _engine(tiny_llama, False, kv_bytes), _engine(tiny_llama, True, kv_bytes)
     assert asyn.engine.async_scheduling and not sync.engine.async_scheduling

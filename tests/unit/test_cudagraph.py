@@ -7,13 +7,13 @@ import random
 from typing import ClassVar
 
 import pytest
-import torch
 
 from tachyon.attention.base import CGSupport
 from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
 from tachyon.config import EngineArgs
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
 from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
+from tachyon_testing import TINY_VOCAB
 
 M = CUDAGraphMode
 S = CGSupport
@@ -148,19 +148,6 @@ class StaleTorchBackend(TorchAttentionBackend):
     cudagraph_support: ClassVar[CGSupport] = CGSupport.ALWAYS
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      vocab_size=256, max_position_embeddings=256)
-    d = tmp_path_factory.mktemp("tiny_llama_graphs")
-    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    return str(d)
-
-
 def _generate(model_dir, monkeypatch, backend_cls, mode):
     from tachyon import LLM, SamplingParams
     from tachyon.worker import model_runner
@@ -172,7 +159,7 @@ def _generate(model_dir, monkeypatch, backend_cls, mode):
               block_size=4, cudagraph_mode=mode,
               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})
     rng = random.Random(5)
-    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 30))] for _ in range(7)]
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(7)]
     out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     runner = llm.engine.executor.runner
     return [o.outputs[0].token_ids for o in out], runner
