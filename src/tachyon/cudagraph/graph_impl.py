@@ -28,8 +28,6 @@ class CapturedGraph(Protocol):
 class GraphImpl(Protocol):
     def capture(self, fn: Callable[[], torch.Tensor]) -> CapturedGraph: ...
 
-    def memory_bytes(self) -> int: ...
-
 
 class _CudaCaptured:
     def __init__(self, graph: torch.cuda.CUDAGraph, output: torch.Tensor) -> None:
@@ -53,9 +51,6 @@ class CudaGraphs:
             output = fn()
         return _CudaCaptured(graph, output)
 
-    def memory_bytes(self) -> int:
-        return 0  # measured by the caller around the whole capture
-
 
 class _EmulatedCaptured:
     def __init__(self, fn: Callable[[], Any], output: Any) -> None:
@@ -73,9 +68,6 @@ class EmulatedGraphs:
     def capture(self, fn: Callable[[], Any]) -> _EmulatedCaptured:
         out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, fn())
         return _EmulatedCaptured(fn, out)
-
-    def memory_bytes(self) -> int:
-        return 0
 
 
 @contextmanager

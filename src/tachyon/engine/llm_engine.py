@@ -275,6 +275,10 @@ class LLMEngine:
         parent = self._parents.get(request_id)
         return "" if parent is None else parent.seqs[index].detok.take_delta(finished)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block not in use (e.g. between benchmark runs)."""
+        self.kv.reset_prefix_cache()
+
     # -- introspection -------------------------------------------------------------------
     def num_free_blocks(self) -> int:
         return self.kv.num_free_blocks

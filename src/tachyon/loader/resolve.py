@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,8 +127,3 @@ def _resolve_hf_dir(path: Path, load_format: str, tokenizer: str | None) -> Reso
                                                          "tokenizer.model")):
         tok = str(path)
     return ResolvedModel(cfg, fmt, str(path), tok, None)
-
-
-def gguf_cache_key(path: str) -> str:
-    st = os.stat(path)
-    return f"{Path(path).stem}-{st.st_size}-{int(st.st_mtime)}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +52,6 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     # Per sampled request: [(token id, logprob), ...] sampled token first, then top-k.
     logprobs: list[list[tuple[int, float]]] | None = None
-    step_seconds: float = 0.0
 
 
 class PendingOutput:
@@ -64,7 +62,6 @@ class PendingOutput:
                  sampler_output: object) -> None:
         self.runner, self.request_ids = runner, request_ids
         self.host_ids, self.event, self.sampler_output = host_ids, event, sampler_output
-        self.step_start = time.perf_counter()
         self._result: ModelRunnerOutput | None = None
 
     @classmethod
@@ -230,7 +227,6 @@ class ModelRunner:
         Inputs whose value is still being sampled by the previous step (asynchronous
         scheduling) are filled on the device from that step's sampled ids.
         """
-        start = time.perf_counter()
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
         if out.is_empty:
@@ -242,9 +238,7 @@ class ModelRunner:
         metadata = self.backend.build_metadata(common)
         sampling = self._sampling_metadata(plan) if plan.sample_rows else None
         hidden = self._run_model(plan, metadata)
-        pending = self._sample(plan, hidden, sampling)
-        pending.step_start = start
-        return pending
+        return self._sample(plan, hidden, sampling)
 
     def _fill_from_previous(self, plan: StepPlan) -> None:
         if not plan.from_previous:
@@ -451,8 +445,7 @@ class ModelRunner:
                 logprobs.append([] if want is None else
                                 list(zip(lp_ids[i][:want + 1], lp_vals[i][:want + 1],
                                          strict=True)))
-        return ModelRunnerOutput(pending.request_ids, ids, logprobs,
-                                 time.perf_counter() - pending.step_start)
+        return ModelRunnerOutput(pending.request_ids, ids, logprobs)
 
     def _sampling_metadata(self, plan: StepPlan) -> SamplingMetadata:
         """Stage the step's sampling parameters; their copies are queued before the forward."""
