@@ -119,10 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("model_tag", nargs="?", default=None, help="model (same as --model)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None)
+    from tachyon.entrypoints.openai.cli_args import add_serve_args
+
+    add_serve_args(serve)
     add_engine_args(serve)
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | latency | serve")
