@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tachyon.engine.request import RequestStatus
 from tachyon.sampling_params import SamplingParams
 
 # Prompt tokens kept as left context so the first output token decodes with the right spacing.
@@ -49,6 +50,20 @@ class IncrementalDetokenizer:
         self.text += new
         return self._check_stop(start)
 
+    def on_token(self, token_id: int, engine_finish: str | None) -> bool:
+        """Apply one sampled token, given how the engine ended the request with it (``"stop"``:
+        an EOS or stop token, ``"length"``, or ``None``). As in vLLM, the EOS or stop token
+        that ended a request adds no text unless ``include_stop_str_in_output``; at the end,
+        an unfinished trailing character is emitted as it stands. Returns True if a stop
+        string ended the text here."""
+        if engine_finish == "stop" and not self.include_stop:
+            self.flush()
+            return False
+        hit = self.add_token(token_id)
+        if engine_finish is not None and not hit:
+            self.flush()
+        return hit
+
     def _check_stop(self, search_from: int) -> bool:
         for stop in self.stop_strings:
             i = self.text.find(stop, search_from)
@@ -74,3 +89,12 @@ class IncrementalDetokenizer:
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
+
+
+def finish_reason_of(status: RequestStatus) -> str | None:
+    """The OpenAI finish reason of a request in ``status`` (None while it runs)."""
+    if status is RequestStatus.FINISHED_LENGTH:
+        return "length"
+    if status is RequestStatus.FINISHED_STOPPED:
+        return "stop"
+    return "abort" if status is RequestStatus.FINISHED_ABORTED else None

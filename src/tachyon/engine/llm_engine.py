@@ -1,28 +1,26 @@
 """LLMEngine: requests in, outputs out, one ``step()`` at a time.
 
-``add_request`` validates and queues; ``step`` schedules, runs the model, samples, applies
-stops and detokenizes; ``abort_request`` frees a request's blocks at once. The server's
-``AsyncLLM`` drives the same object from a background loop.
+``add_request`` validates, tokenizes, fans ``n`` out into one core request per sample and
+queues them; ``step`` runs one ``EngineCore`` step and turns its tokens into text (stop strings
+included); ``abort_request`` frees a request's blocks at once. The server runs the same
+``EngineCore`` in its own process instead (``AsyncLLM``).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tachyon.config import EngineArgs, EngineConfig
-from tachyon.engine.detokenizer import IncrementalDetokenizer
-from tachyon.engine.kv_cache_manager import KVCacheManager
+from tachyon.engine.core import EngineCore, TokenEvent
+from tachyon.engine.detokenizer import IncrementalDetokenizer, finish_reason_of
 from tachyon.engine.request import Request, RequestStatus
-from tachyon.engine.scheduler import Scheduler, SchedulerOutput
 from tachyon.outputs import CompletionOutput, RequestOutput
 from tachyon.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from tachyon.worker.model_runner import ModelRunnerOutput, PendingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +57,19 @@ class LLMEngine:
         self.config = config
         start = time.perf_counter()
         self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config)
-        self.executor = _make_executor(config)
-        _check_kv_capacity(config, self.executor.num_blocks)
-        self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size,
-                                 config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
-        self.eos_token_ids = _eos_ids(config.model.hf_config, self.tokenizer)
-        self.vocab_size = int(config.model.hf_config.vocab_size)
+        self.core = EngineCore(config)
+        # Views of the core's parts (one owner each), for callers and tests.
+        self.executor, self.kv, self.scheduler = (
+            self.core.executor, self.core.kv, self.core.scheduler)
+        self.eos_token_ids = eos_token_ids(config.model.hf_config, self.tokenizer)
+        self.vocab_size = self.core.vocab_size
+        self.async_scheduling = self.core.async_scheduling
         self._parents: dict[str, _Parent] = {}
-        self.async_scheduling = config.scheduler.async_scheduling and hasattr(
-            self.executor, "execute_model_async")
-        self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
-        self._penalty_requests: set[str] = set()
         self._seq_owner: dict[str, tuple[_Parent, _Sequence]] = {}
         self._ids = itertools.count()
         # Streaming callers want an output per new token; batch callers only final ones.
         self.emit_unfinished = True
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                      "preemptions": 0, "requests_finished": 0}
+        self._counts = {"prompt_tokens": 0, "requests_finished": 0}
         self.startup_seconds = time.perf_counter() - start
         logger.info("tachyon ready in %.1f s: %s", self.startup_seconds,
                     self.executor.startup_report)
@@ -84,6 +77,11 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args.create_config())
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Tokens in and out, steps, preemptions, finished requests: counts since start."""
+        return {**self.core.stats, **self._counts}
 
     # -- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -118,7 +116,7 @@ class LLMEngine:
         for i in range(params.n):
             sp = params
             if params.n > 1:
-                sp = _child_params(params, i)
+                sp = child_params(params, i)
             req = Request(rid if params.n == 1 else f"{rid}#{i}", ids, sp, self.eos_token_ids, now)
             detok = (IncrementalDetokenizer(self.tokenizer, ids, sp)
                      if self.tokenizer is not None else None)
@@ -127,12 +125,10 @@ class LLMEngine:
                 seq.output.logprobs, seq.output.cumulative_logprob = [], 0.0
             parent.seqs.append(seq)
         self._parents[rid] = parent
-        if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1:
-            self._penalty_requests.add(rid)
         for seq in parent.seqs:
             self._seq_owner[seq.request.request_id] = (parent, seq)
-            self.scheduler.add_request(seq.request)
-        self.stats["prompt_tokens"] += len(ids) * params.n
+            self.core.add_request(seq.request)
+        self._counts["prompt_tokens"] += len(ids) * params.n
         return rid
 
     def _check_params(self, params: SamplingParams) -> None:
@@ -163,13 +159,12 @@ class LLMEngine:
         seq_ids = []
         for rid in ids:
             parent = self._parents.pop(rid, None)
-            self._penalty_requests.discard(rid)
             if parent is None:
                 continue
             for seq in parent.seqs:
                 seq_ids.append(seq.request.request_id)
                 self._seq_owner.pop(seq.request.request_id, None)
-        self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        self.core.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
@@ -179,78 +174,41 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduling step. With asynchronous scheduling the step is queued on the device
-        and the outputs returned are those of the previous step: the host schedules and
-        stages step N+1 while the device still runs step N."""
-        if not self._use_async():
-            outputs = self._drain()
-            sched = self.scheduler.schedule()
-            if sched.is_empty and not sched.finished_request_ids:
-                return outputs
-            return outputs + self._process(sched, self.executor.execute_model(sched))
-        sched = self.scheduler.schedule()
-        prev, self._inflight = self._inflight, None
-        if not (sched.is_empty and not sched.finished_request_ids):
-            self._inflight = (sched, self.executor.execute_model_async(sched))
-        return self._process(prev[0], prev[1].result()) if prev is not None else []
-
-    def _use_async(self) -> bool:
-        # Penalties read every earlier token at sampling time, so they need the sync path.
-        return self.async_scheduling and not self._penalty_requests
-
-    def _drain(self) -> list[RequestOutput]:
-        if self._inflight is None:
-            return []
-        (sched, pending), self._inflight = self._inflight, None
-        return self._process(sched, pending.result())
-
-    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
-        self.stats["steps"] += 1
-        self.stats["preemptions"] = self.scheduler.num_preemptions
-        sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
-        logprobs = dict(zip(result.request_ids, result.logprobs, strict=True)) \
-            if result.logprobs is not None else {}
-        progressed = self.scheduler.update(sched, sampled)
+        """One core step (with asynchronous scheduling, the tokens of the previous one),
+        as one output per request that got a token."""
+        events = self.core.step()
         now = time.monotonic()
         touched: dict[str, _Parent] = {}
         stopped: list[str] = []
-        for req in progressed:
-            owner = self._seq_owner.get(req.request_id)
+        for ev in events:
+            owner = self._seq_owner.get(ev.request.request_id)
             if owner is None:
                 continue
             parent, seq = owner
-            self._on_token(seq, req, logprobs.get(req.request_id), now, stopped)
+            self._on_token(seq, ev, now, stopped)
             touched[parent.request_id] = parent
         if stopped:  # stop strings: finish in the scheduler so the blocks are freed now
-            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self.stats["generation_tokens"] += len(progressed)
+            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return [self._make_output(p, now) for p in touched.values()
                 if self.emit_unfinished or p.finished]
 
-    def _on_token(self, seq: _Sequence, req: Request, lps: list[tuple[int, float]] | None,
-                  now: float, stopped: list[str]) -> None:
-        token = req.all_token_ids[-1]
+    def _on_token(self, seq: _Sequence, ev: TokenEvent, now: float,
+                  stopped: list[str]) -> None:
         out = seq.output
-        out.token_ids.append(token)
+        out.token_ids.append(ev.token_id)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        if lps and out.logprobs is not None:
-            out.logprobs.append(dict(lps))
-            out.cumulative_logprob += lps[0][1]
-        # As in vLLM, the EOS or stop token that ended the request adds no text.
-        on_stop_token = (req.status is RequestStatus.FINISHED_STOPPED
-                         and not req.params.include_stop_str_in_output)
-        hit_stop = seq.detok.add_token(token) if seq.detok is not None and not on_stop_token \
-            else False
-        if hit_stop:  # a stop string wins over a length limit reached by the same token
+        if ev.logprobs and out.logprobs is not None:
+            out.logprobs.append(dict(ev.logprobs))
+            out.cumulative_logprob += ev.logprobs[0][1]
+        engine_finish = finish_reason_of(ev.status)
+        if seq.detok is not None and seq.detok.on_token(ev.token_id, engine_finish):
+            # A stop string wins over a length limit reached by the same token.
             out.finish_reason, out.stop_reason = "stop", seq.detok.stop_reason
-            if not req.status.finished:
-                stopped.append(req.request_id)
-        elif req.status.finished:
-            out.finish_reason = "length" if req.status is RequestStatus.FINISHED_LENGTH else "stop"
-            out.stop_reason = req.stop_reason
-        if out.finish_reason is not None and seq.detok is not None and not hit_stop:
-            seq.detok.flush()
+            if not ev.status.finished:
+                stopped.append(ev.request.request_id)
+        elif engine_finish is not None:
+            out.finish_reason, out.stop_reason = engine_finish, ev.stop_reason
         if seq.detok is not None:
             out.text = seq.detok.text
 
@@ -258,10 +216,9 @@ class LLMEngine:
         finished = parent.finished
         if finished:
             self._parents.pop(parent.request_id, None)
-            self._penalty_requests.discard(parent.request_id)
             for seq in parent.seqs:
                 self._seq_owner.pop(seq.request.request_id, None)
-            self.stats["requests_finished"] += 1
+            self._counts["requests_finished"] += 1
         first = [s.first_token_time for s in parent.seqs if s.first_token_time is not None]
         metrics = {"arrival_time": parent.arrival, "now": now}
         if first:
@@ -277,45 +234,23 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block not in use (e.g. between benchmark runs)."""
-        self.kv.reset_prefix_cache()
+        self.core.reset_prefix_cache()
 
     # -- introspection -------------------------------------------------------------------
     def num_free_blocks(self) -> int:
         return self.kv.num_free_blocks
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.core.shutdown()
 
 
-def _check_kv_capacity(config: EngineConfig, num_blocks: int) -> None:
-    """One request of ``max_model_len`` tokens must fit the pool, or it would wait forever."""
-    bs, max_len = config.cache.block_size, config.model.max_model_len
-    if num_blocks * bs < max_len:
-        raise ValueError(
-            f"the KV cache holds {num_blocks * bs} tokens ({num_blocks} blocks of {bs}), fewer "
-            f"than max_model_len ({max_len}); lower --max-model-len to {num_blocks * bs} or "
-            f"give the cache more memory (--kv-cache-memory, --gpu-memory-utilization)"
-        )
-
-
-def _child_params(params: SamplingParams, i: int) -> SamplingParams:
-    import copy
-
+def child_params(params: SamplingParams, i: int) -> SamplingParams:
+    """Sample ``i`` of ``n``: one sample, and its own seed (``seed + i``) if one is set."""
     sp = copy.copy(params)
     sp.n = 1
     if params.seed is not None:
         sp.seed = params.seed + i
     return sp
-
-
-def _make_executor(config: EngineConfig) -> Any:
-    if config.parallel.tensor_parallel_size > 1:
-        from tachyon.executor.multiproc import MultiprocExecutor
-
-        return MultiprocExecutor(config)
-    from tachyon.executor.uniproc import UniProcExecutor
-
-    return UniProcExecutor(config)
 
 
 def load_tokenizer(config: EngineConfig) -> Any:
@@ -343,7 +278,8 @@ def load_tokenizer(config: EngineConfig) -> Any:
         hf_logging.set_verbosity(verbosity)
 
 
-def _eos_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
+def eos_token_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """The model config's EOS ids and the tokenizer's."""
     ids: set[int] = set()
     eos = getattr(hf_config, "eos_token_id", None)
     if isinstance(eos, int):

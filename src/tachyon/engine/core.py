@@ -1,0 +1,160 @@
+"""EngineCore: scheduler, KV cache and executor; token ids in, token ids out.
+
+The core knows nothing of text: no tokenizer, no stop strings, no ``n`` (each sample is its
+own ``Request``). ``step()`` runs one scheduling step and reports every request that got a
+token as a ``TokenEvent``. ``LLMEngine`` drives it in-process; ``core_proc.run_engine_core``
+drives it in its own process for the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tachyon.config import EngineConfig
+from tachyon.engine.kv_cache_manager import KVCacheManager
+from tachyon.engine.request import Request, RequestStatus
+from tachyon.engine.scheduler import Scheduler, SchedulerOutput
+
+if TYPE_CHECKING:
+    from tachyon.worker.model_runner import ModelRunnerOutput, PendingOutput
+
+# Seeds are int64 on the device (torch.Generator.manual_seed); anything else kills a step.
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One sampled token of one request, with the request's state right after it."""
+
+    request: Request
+    token_id: int
+    status: RequestStatus  # FINISHED_* if this token ended the request
+    stop_reason: int | None  # the stop token id that ended it, if one did
+    logprobs: list[tuple[int, float]] | None  # sampled token first, then the top-k
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.executor = _make_executor(config)
+        _check_kv_capacity(config, self.executor.num_blocks)
+        self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+        self.vocab_size = int(config.model.hf_config.vocab_size)
+        self.async_scheduling = config.scheduler.async_scheduling and hasattr(
+            self.executor, "execute_model_async")
+        self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self._penalty_requests: set[str] = set()
+        self.stats = {"generation_tokens": 0, "steps": 0, "preemptions": 0}
+
+    # -- requests ------------------------------------------------------------------------
+    def check_request(self, req: Request) -> None:
+        """What the device would choke on, checked before the request can reach a step."""
+        ids, p = req.prompt_token_ids, req.params
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        max_len = self.config.model.max_model_len
+        if len(ids) > max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len "
+                             f"({max_len}); shorten it or raise --max-model-len")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+        outside = [t for t in p.stop_token_ids or () if t >= self.vocab_size]
+        if outside:
+            raise ValueError(f"stop token id {outside[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63), got {p.seed}")
+        if p.n != 1:
+            raise ValueError("the engine core runs one sample per request (n = 1)")
+
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add_request(req)
+        p = req.params
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
+            self._penalty_requests.add(req.request_id)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Abort, or stop (a stop string found by the caller); unknown ids are ignored."""
+        ids = list(request_ids)
+        self.scheduler.finish_requests(ids, status)
+        self._penalty_requests.difference_update(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """One scheduling step. With asynchronous scheduling the step is queued on the device
+        and the tokens returned are those of the previous step: the host schedules and
+        stages step N+1 while the device still runs step N."""
+        if not self._use_async():
+            events = self._drain()
+            sched = self.scheduler.schedule()
+            if sched.is_empty and not sched.finished_request_ids:
+                return events
+            return events + self._process(sched, self.executor.execute_model(sched))
+        sched = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
+        if not (sched.is_empty and not sched.finished_request_ids):
+            self._inflight = (sched, self.executor.execute_model_async(sched))
+        return self._process(prev[0], prev[1].result()) if prev is not None else []
+
+    def _use_async(self) -> bool:
+        # Penalties read every earlier token at sampling time, so they need the sync path.
+        return self.async_scheduling and not self._penalty_requests
+
+    def _drain(self) -> list[TokenEvent]:
+        if self._inflight is None:
+            return []
+        (sched, pending), self._inflight = self._inflight, None
+        return self._process(sched, pending.result())
+
+    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[TokenEvent]:
+        self.stats["steps"] += 1
+        self.stats["preemptions"] = self.scheduler.num_preemptions
+        sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
+        logprobs = dict(zip(result.request_ids, result.logprobs, strict=True)) \
+            if result.logprobs is not None else {}
+        events = []
+        for req in self.scheduler.update(sched, sampled):
+            rid = req.request_id
+            if req.status.finished:
+                self._penalty_requests.discard(rid)
+            stop = req.stop_reason if isinstance(req.stop_reason, int) else None
+            events.append(TokenEvent(req, sampled[rid], req.status, stop, logprobs.get(rid)))
+        self.stats["generation_tokens"] += len(events)
+        return events
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block not in use (e.g. between benchmark runs)."""
+        self.kv.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _check_kv_capacity(config: EngineConfig, num_blocks: int) -> None:
+    """One request of ``max_model_len`` tokens must fit the pool, or it would wait forever."""
+    bs, max_len = config.cache.block_size, config.model.max_model_len
+    if num_blocks * bs < max_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks * bs} tokens ({num_blocks} blocks of {bs}), fewer "
+            f"than max_model_len ({max_len}); lower --max-model-len to {num_blocks * bs} or "
+            f"give the cache more memory (--kv-cache-memory, --gpu-memory-utilization)"
+        )
+
+
+def _make_executor(config: EngineConfig) -> Any:
+    if config.parallel.tensor_parallel_size > 1:
+        from tachyon.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    from tachyon.executor.uniproc import UniProcExecutor
+
+    return UniProcExecutor(config)
