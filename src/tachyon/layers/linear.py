@@ -4,6 +4,9 @@ Column-parallel layers split the output features over ranks (no communication);
 row-parallel layers split the input features and all-reduce the partial sums. Packed layers
 (qkv, gate_up) hold several HF matrices in one weight; their ``weight_loader`` takes a shard
 id and writes this rank's slice of that matrix into the right rows.
+
+Every layer multiplies through ``linear``: cuBLAS, or at decode batch sizes the skinny GEMM
+(``tachyon.layers.kernels.skinny_gemm``), which decides per call from shapes alone.
 """
 
 from __future__ import annotations
@@ -17,6 +20,17 @@ from tachyon.distributed.parallel_state import (
     get_tp_world_size,
     tensor_model_parallel_all_reduce,
 )
+from tachyon.layers.kernels.skinny_gemm import skinny_config, skinny_gemm
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the skinny decode GEMM where ``skinny_config`` picks it (CUDA, at most
+    16 rows of bf16/fp16, and the config table does not prefer cuBLAS for the shape)."""
+    config = skinny_config(x, weight)
+    if config is None:
+        return F.linear(x, weight, bias)
+    return skinny_gemm(x, weight, bias, config=config)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -46,7 +60,7 @@ class ReplicatedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         default_weight_loader(param, loaded)
@@ -65,7 +79,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         n = param.shape[0]
@@ -134,7 +148,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tensor_model_parallel_all_reduce(F.linear(x, self.weight))
+        y = tensor_model_parallel_all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:

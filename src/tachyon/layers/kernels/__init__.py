@@ -1,0 +1,1 @@
+"""Triton kernels behind the layers (one file per kernel family)."""

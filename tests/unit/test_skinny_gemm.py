@@ -1,0 +1,130 @@
+"""The skinny decode GEMM against float64 references (CPU, TRITON_INTERPRET=1).
+
+Configs are chosen for the interpreter (few programs, few K tiles) but keep ragged tails: N
+and K are never multiples of the tile, and some configs split K into uneven slices.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from tachyon.layers.kernels.skinny_gemm import (  # noqa: E402
+    Prologue,
+    SkinnyConfig,
+    SkinnyPath,
+    default_config,
+    shape_class,
+    skinny_gemm,
+)
+from tachyon.layers.linear import linear  # noqa: E402
+
+# (N, K) pairs off every tile: N=1000 leaves a partial last N tile, K=72 a partial K tile;
+# N=130, K=1040 splits K unevenly (see test_k_slices).
+RAGGED_SHAPES = [(1000, 72), (130, 1040)]
+CONFIGS = [
+    SkinnyConfig(SkinnyPath.FMA, block_n=32, block_k=256, split_k=2),
+    SkinnyConfig(SkinnyPath.DOT, block_n=64, block_k=256, split_k=1),
+    SkinnyConfig(SkinnyPath.DOT_SWAP, block_n=64, block_k=256, split_k=4),
+    SkinnyConfig(SkinnyPath.FMA, block_n=128, block_k=128, split_k=1),
+]
+
+
+def _inputs(rng: random.Random, m: int, n: int, k: int, dtype: torch.dtype = torch.float32,
+            bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 31))
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    # Rows of W with different scales: a mixed-up output feature changes the answer.
+    w = (torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 2).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    return x, w, b
+
+
+def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("m", range(1, 17))
+def test_matches_float64(m: int, rng: random.Random) -> None:
+    # Every row count, each with one path and one ragged shape (cycled so all meet).
+    config = CONFIGS[m % len(CONFIGS)]
+    n, k = RAGGED_SHAPES[m % len(RAGGED_SHAPES)]
+    x, w, b = _inputs(rng, m, n, k, bias=m % 2 == 0)
+    out = skinny_gemm(x, w, b, config=config)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    assert _rel(out, _ref(x, w, b)) < 1e-6, (config, n, k)
+
+
+@pytest.mark.parametrize("path", list(SkinnyPath))
+def test_float16_rounds_once(path: SkinnyPath, rng: random.Random) -> None:
+    # fp32 accumulation, one rounding at the end: within an fp16 ulp of the exact result
+    # (fp16 accumulation over K=1040 would be off by many).
+    m, n, k = 5, 130, 1040
+    x, w, b = _inputs(rng, m, n, k, dtype=torch.float16)
+    config = SkinnyConfig(path, block_n=64, block_k=256, split_k=2)
+    out = skinny_gemm(x, w, b, config=config)
+    ref = _ref(x, w, b)
+    err = (out.double() - ref).abs()
+    assert out.dtype == torch.float16 and bool((err <= ref.abs() * 2**-10 + 1e-3).all())
+
+
+def test_leading_dims_and_default_config(rng: random.Random) -> None:
+    # [2, 3, K] activations, the default config (split K as on a small GPU).
+    x, w, b = _inputs(rng, 6, 130, 1040)
+    out = skinny_gemm(x.view(2, 3, -1), w, b)
+    assert out.shape == (2, 3, 130)
+    assert _rel(out.view(6, 130), _ref(x, w, b)) < 1e-6
+
+
+@pytest.mark.parametrize("path", [SkinnyPath.FMA, SkinnyPath.DOT_SWAP])
+def test_silu_mul_prologue(path: SkinnyPath, rng: random.Random) -> None:
+    m, n, k = 3, 70, 200
+    gate_up, w, _ = _inputs(rng, m, n, 2 * k, bias=False)
+    w = w[:, :k].contiguous()
+    config = SkinnyConfig(path, block_n=64, block_k=64, split_k=2)
+    out = skinny_gemm(gate_up, w, config=config, prologue=Prologue.SILU_MUL)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    assert _rel(out, (torch.nn.functional.silu(gate) * up) @ w.double().T) < 1e-6
+
+
+def test_k_slices() -> None:
+    # K=1040 in 256-wide tiles split 4 ways: ceil(260 / 256) = 2 tiles = 512 per slice, so
+    # 3 slices (512, 512, 16), not 4.
+    config = SkinnyConfig(SkinnyPath.FMA, block_n=32, block_k=256, split_k=4)
+    assert config.k_per_split(1040) == 512 and config.num_splits(1040) == 3
+    assert config.num_splits(72) == 1
+
+
+def test_shape_class() -> None:
+    assert shape_class(1, 151936, 1024) == (1, 17, 10)  # LM head, clamped to 2**17
+    assert shape_class(3, 4096, 3072) == (4, 12, 12)
+    assert shape_class(16, 1000, 72) == (16, 10, 10)  # small shapes clamp up
+    assert shape_class(9, 6144, 12288) == (16, 13, 14)
+
+
+def test_default_config_fills_the_grid() -> None:
+    # On the interpreter's stand-in 8 SMs: FMA aims at 4 programs per SM = 32. N=1024 in
+    # 8-row tiles is 128 programs already; N=64 is 8, so K is split 4 ways.
+    assert default_config(1, 1024, 1024).split_k == 1
+    small = default_config(1, 64, 4096)
+    assert small.path == SkinnyPath.FMA and small.split_k == 4
+    assert default_config(16, 1024, 1024).path == SkinnyPath.DOT
+
+
+def test_linear_on_cpu_is_f_linear(rng: random.Random) -> None:
+    # Off CUDA the dispatcher leaves the matmul to torch.
+    x, w, b = _inputs(rng, 2, 33, 20)
+    assert _rel(linear(x, w, b), _ref(x, w, b)) < 1e-6
