@@ -16,6 +16,7 @@ from tachyon.config import EngineConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.engine.scheduler import Scheduler, SchedulerOutput
+from tachyon.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from tachyon.worker.model_runner import ModelRunnerOutput, PendingOutput
@@ -53,24 +54,9 @@ class EngineCore:
     # -- requests ------------------------------------------------------------------------
     def check_request(self, req: Request) -> None:
         """What the device would choke on, checked before the request can reach a step."""
-        ids, p = req.prompt_token_ids, req.params
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        max_len = self.config.model.max_model_len
-        if len(ids) > max_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len "
-                             f"({max_len}); shorten it or raise --max-model-len")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
-        outside = [t for t in p.stop_token_ids or () if t >= self.vocab_size]
-        if outside:
-            raise ValueError(f"stop token id {outside[0]} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
-        if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63), got {p.seed}")
-        if p.n != 1:
+        check_params(req.params, self.vocab_size)
+        check_prompt_ids(req.prompt_token_ids, self.vocab_size, self.config.model.max_model_len)
+        if req.params.n != 1:
             raise ValueError("the engine core runs one sample per request (n = 1)")
 
     def add_request(self, req: Request) -> None:
@@ -137,6 +123,33 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def check_params(params: SamplingParams, vocab_size: int) -> None:
+    """Ranges, stop token ids inside the vocabulary, and seeds the device can take (sample
+    ``i`` of ``n`` uses ``seed + i``). Raises ``ValueError`` naming the field."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError("params must be a tachyon.SamplingParams")
+    params.validate()
+    outside = [t for t in params.stop_token_ids or () if t >= vocab_size]
+    if outside:
+        raise ValueError(f"stop token id {outside[0]} is outside the vocabulary "
+                         f"[0, {vocab_size})")
+    seed, n = params.seed, params.n
+    if seed is not None and not 0 <= seed <= MAX_SEED - (n - 1):
+        top = "2**63" if n == 1 else f"2**63 - {n - 1}"
+        raise ValueError(f"seed must be in [0, {top}) (sample i of n uses seed + i), got {seed}")
+
+
+def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    if len(ids) > max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len "
+                         f"({max_model_len}); shorten it or raise --max-model-len")
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
 
 
 def _check_kv_capacity(config: EngineConfig, num_blocks: int) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tachyon.config import EngineArgs, EngineConfig
-from tachyon.engine.core import EngineCore, TokenEvent
+from tachyon.engine.core import EngineCore, TokenEvent, check_params, check_prompt_ids
 from tachyon.engine.detokenizer import IncrementalDetokenizer, finish_reason_of
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.outputs import CompletionOutput, RequestOutput
@@ -56,7 +56,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config)
+        self.tokenizer = (None if config.model.skip_tokenizer_init
+                          else load_tokenizer(config.model.tokenizer_path))
         self.core = EngineCore(config)
         # Views of the core's parts (one owner each), for callers and tests.
         self.executor, self.kv, self.scheduler = (
@@ -132,27 +133,10 @@ class LLMEngine:
         return rid
 
     def _check_params(self, params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError("params must be a tachyon.SamplingParams")
-        params.validate()
-        outside = [t for t in params.stop_token_ids or () if t >= self.vocab_size]
-        if outside:
-            raise ValueError(f"stop token id {outside[0]} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+        check_params(params, self.vocab_size)
 
     def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        max_len = self.config.model.max_model_len
-        if len(ids) > max_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, more than max_model_len ({max_len}); "
-                f"shorten it or raise --max-model-len"
-            )
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+        check_prompt_ids(ids, self.vocab_size, self.config.model.max_model_len)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -253,11 +237,11 @@ def child_params(params: SamplingParams, i: int) -> SamplingParams:
     return sp
 
 
-def load_tokenizer(config: EngineConfig) -> Any:
+def load_tokenizer(path: str) -> Any:
+    """An HF tokenizer from a directory, or from a GGUF file (cached in HF form)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = config.model.tokenizer_path
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -1,8 +1,8 @@
 """GET /metrics: Prometheus text, names shaped like vLLM's (``tachyon:`` for ``vllm:``).
 
-Gauges and token counters are read at scrape time from the engine's last ``EngineStats``
-snapshot; latency histograms are fed by the engine thread after every iteration. Each server
-has its own registry (no global state).
+Gauges and token counters are read at scrape time from the core's last ``CoreStats`` (every
+step message carries one); latency histograms are fed on the event loop after every step the
+API process sees. Each server has its own registry (no global state).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tachyon.engine.async_llm import AsyncLLM, IterationStats
+from tachyon.engine.async_llm import AsyncLLM
+from tachyon.engine.output_processor import IterationStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,7 +32,7 @@ class _EngineCollector(Collector):
         self.llm = llm
 
     def collect(self) -> Iterator[Metric]:
-        s = self.llm.stats
+        s = self.llm.core_stats
         hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
         for name, doc, value in (
             ("num_requests_running", "Sequences in the running batch.", s.num_running),
@@ -44,7 +45,7 @@ class _EngineCollector(Collector):
         ):
             yield GaugeMetricFamily(f"tachyon:{name}", doc, value=value)
         for name, doc, value in (
-            ("prompt_tokens", "Prompt tokens received (times n).", s.prompt_tokens),
+            ("prompt_tokens", "Prompt tokens received (times n).", self.llm.prompt_tokens),
             ("generation_tokens", "Tokens generated.", s.generation_tokens),
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              s.prefix_cache_queries),
@@ -75,7 +76,7 @@ class ServerMetrics:
         llm.add_stat_listener(self.observe)
 
     def observe(self, stats: IterationStats) -> None:
-        """Engine thread: prometheus_client metrics are thread-safe."""
+        """On the event loop, after a step."""
         for v in stats.time_to_first_token:
             self.ttft.observe(v)
         for v in stats.inter_token_latency:

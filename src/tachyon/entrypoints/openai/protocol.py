@@ -15,6 +15,8 @@ from tachyon.sampling_params import MAX_LOGPROBS, SamplingParams
 
 # OpenAI's default for /v1/completions when max_tokens is left out.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+# Seeds seed an int64 generator on the device.
+SEED_RANGE = (0, 2**63 - 1)
 
 
 class OpenAIError(Exception):
@@ -43,7 +45,28 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise OpenAIError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise OpenAIError("the request body must be a JSON object")
+    for name, value in body.items():
+        if not _valid_text(value):
+            raise OpenAIError(f"'{name}' contains invalid text: a lone UTF-16 surrogate "
+                              f"(e.g. \\ud800) that no encoding can represent", name)
     return body
+
+
+def _valid_text(v: Any) -> bool:
+    """No lone surrogates anywhere in ``v`` (JSON allows ``"\\ud800"``; UTF-8 does not)."""
+    if isinstance(v, str):
+        if v.isascii():
+            return True
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(v, list):
+        return all(_valid_text(x) for x in v)
+    if isinstance(v, dict):
+        return all(_valid_text(k) and _valid_text(x) for k, x in v.items())
+    return True
 
 
 def _is_int(v: object) -> bool:
@@ -145,15 +168,20 @@ def parse_max_tokens(f: Fields) -> int | None:
     return newer if newer is not None else older
 
 
-def sampling_params(f: Fields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """Everything but the token budget and logprobs is read here; ranges are the engine's."""
+def sampling_params(f: Fields, max_tokens: int | None, logprobs: int | None,
+                    max_n: int) -> SamplingParams:
+    """Everything but the token budget and logprobs is read here; ranges are the engine's,
+    but for ``n`` (the server's ``--max-n``) and the seed (sample i of n uses seed + i)."""
+    n = f.integer("n", 1, lo=1, hi=max_n)
+    assert n is not None
+    lo, hi = SEED_RANGE
     kwargs: dict[str, Any] = dict(
-        n=f.integer("n", 1, lo=1),
+        n=n,
         temperature=f.number("temperature", 1.0),
         top_p=f.number("top_p", 1.0),
         top_k=f.integer("top_k", 0, lo=-1),
         min_p=f.number("min_p", 0.0),
-        seed=f.integer("seed"),
+        seed=f.integer("seed", lo=lo, hi=hi - (n - 1)),
         presence_penalty=f.number("presence_penalty", 0.0),
         frequency_penalty=f.number("frequency_penalty", 0.0),
         repetition_penalty=f.number("repetition_penalty", 1.0),
@@ -189,6 +217,11 @@ class CompletionRequest:
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     f = Fields(body)
+    best_of = f.integer("best_of", lo=1)
+    if best_of is not None and best_of != f.integer("n", 1):
+        raise OpenAIError("'best_of' is not supported (only best_of = n)", "best_of")
+    if f.string("suffix"):
+        raise OpenAIError("'suffix' is not supported", "suffix")
     logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS)
     echo = f.boolean("echo")
     if echo and logprobs is not None:

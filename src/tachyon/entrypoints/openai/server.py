@@ -3,18 +3,23 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics. A client that goes away aborts its request at once: streamed responses and
 non-streamed handlers both race the work against the ASGI ``http.disconnect`` message.
+
+Start-up order: the port is bound first (a bad or busy port fails in a second, before any
+model loads), then the engine core process loads the model, then "serving on" is printed and
+uvicorn serves the bound socket. If the core dies, every request in flight gets an error,
+/health turns 503, and after ``DEAD_CORE_EXIT_SECONDS`` the server exits with status 1 so that
+its supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import logging
+import socket
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -23,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from tachyon.config import EngineArgs
 from tachyon.engine.async_llm import AsyncLLM
+from tachyon.entrypoints.openai.cli_args import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES
 from tachyon.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from tachyon.entrypoints.openai.protocol import OpenAIError, parse_json_body
 from tachyon.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -36,6 +42,10 @@ DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 GRACEFUL_SHUTDOWN_SECONDS = 5
 # Status logged for requests whose client left (nginx's convention; the client never sees it).
 CLIENT_CLOSED_REQUEST = 499
+# After the core died: how long /health answers 503 (and in-flight requests get their
+# errors out) before the process exits non-zero.
+DEAD_CORE_EXIT_SECONDS = 2.0
+EXIT_CORE_DIED = 1
 
 T = TypeVar("T")
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | AsyncIterator[str]]]
@@ -94,9 +104,29 @@ def error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-async def _serve(request: Request, handler: Handler) -> Response:
+def too_large(limit: int) -> OpenAIError:
+    return OpenAIError(f"the request body is larger than {limit} bytes", status=413,
+                       code="request_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes: from the
+    Content-Length header if there is one, else while it streams in."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _serve(request: Request, handler: Handler, max_bytes: int) -> Response:
     try:
-        body = parse_json_body(await request.body())
+        body = parse_json_body(await read_body(request, max_bytes))
         result = await _unless_disconnected(request.receive, handler(body))
     except OpenAIError as e:
         return error_response(e)
@@ -112,29 +142,21 @@ async def _serve(request: Request, handler: Handler) -> Response:
     return SSEResponse(result)
 
 
-def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
-    """The app; the engine loop starts with the app's lifespan and stops with it."""
-    tokenizer = copy.deepcopy(llm.tokenizer)  # the engine thread keeps the original to itself
-    completions = OpenAIServingCompletion(llm, model_name, tokenizer)
-    chat = OpenAIServingChat(llm, model_name, tokenizer)
+def build_app(llm: AsyncLLM, model_name: str, max_n: int = DEFAULT_MAX_N,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    completions = OpenAIServingCompletion(llm, model_name, max_n)
+    chat = OpenAIServingChat(llm, model_name, max_n)
     metrics = ServerMetrics(llm)
     created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        llm.start()
-        yield
-        llm.shutdown()
-
-    app = FastAPI(title="tachyon", lifespan=lifespan)
+    app = FastAPI(title="tachyon")
 
     @app.post("/v1/completions")
     async def create_completion(request: Request) -> Response:
-        return await _serve(request, completions.create)
+        return await _serve(request, completions.create, max_request_bytes)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: Request) -> Response:
-        return await _serve(request, chat.create)
+        return await _serve(request, chat.create, max_request_bytes)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -144,7 +166,10 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if llm.is_running else 503)
+        if llm.is_running:
+            return Response(status_code=200)
+        return error_response(OpenAIError(f"the engine is dead: {llm.dead_reason}",
+                                          status=503, type_="server_error"))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -153,14 +178,57 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     return app
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind now, listen later (uvicorn does): a busy port fails before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
+    sock = bind_socket(ns.host, ns.port)
+    try:
+        return asyncio.run(_run(ns, engine_args, sock))
+    finally:
+        sock.close()
+
+
+async def _run(ns: argparse.Namespace, engine_args: EngineArgs, sock: socket.socket) -> int:
     import uvicorn
 
-    llm = AsyncLLM.from_engine_args(engine_args)
-    name = ns.served_model_name or ns.model or DEFAULT_SERVED_MODEL_NAME
-    app = build_app(llm, name)
-    print(f"tachyon: serving {name!r} on http://{ns.host}:{ns.port}", file=sys.stderr,
-          flush=True)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level.lower(),
-                access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    llm = await AsyncLLM.create(engine_args)
+    try:
+        name = ns.served_model_name or ns.model or DEFAULT_SERVED_MODEL_NAME
+        app = build_app(llm, name, ns.max_n, ns.max_request_bytes)
+        config = uvicorn.Config(app, log_level=ns.log_level.lower(), access_log=False,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+        server = uvicorn.Server(config)
+        died: list[str] = []
+
+        def exit_soon(reason: str) -> None:
+            died.append(reason)
+            asyncio.get_running_loop().call_later(DEAD_CORE_EXIT_SECONDS, _stop, server)
+
+        llm.on_dead(exit_soon)
+        host, port = sock.getsockname()[:2]
+        print(f"tachyon: serving {name!r} on http://{host}:{port}", file=sys.stderr,
+              flush=True)
+        await server.serve(sockets=[sock])
+    finally:
+        await llm.shutdown()
+    if died:
+        print(f"tachyon: error: {died[0]}; exiting so a supervisor can restart the server",
+              file=sys.stderr, flush=True)
+        return EXIT_CORE_DIED
     return 0
+
+
+def _stop(server: Any) -> None:
+    server.should_exit = True

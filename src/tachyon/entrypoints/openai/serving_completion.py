@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tachyon.engine.async_llm import TokenDelta
+from tachyon.engine.async_llm import ChoiceDelta
 from tachyon.entrypoints.openai.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     CompletionRequest,
@@ -33,11 +33,11 @@ class CompletionFormatter:
         self.serving = serving
         self.k = num_logprobs
 
-    def chunk_choice(self, choice: Choice, delta: TokenDelta) -> dict[str, Any]:
+    def chunk_choice(self, choice: Choice, delta: ChoiceDelta) -> dict[str, Any]:
         text = choice.prefix + delta.text if choice.num_tokens == 0 else delta.text
         lps = None
         if self.k is not None and delta.logprobs is not None:
-            lps = self._logprobs([delta.token_id], [delta.logprobs], choice)
+            lps = self._logprobs(delta.token_ids, delta.logprobs, choice)
         return {"index": choice.index, "text": text, "logprobs": lps,
                 "finish_reason": delta.finish_reason}
 
@@ -72,12 +72,15 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
         req = parse_completion(body)
         self.check_model(req.model)
-        prompts = [self.encode(p, "prompt") if isinstance(p, str) else list(p)
+        for p in req.prompts:  # every size check before any tokenizing
+            if isinstance(p, str):
+                self.check_text_size(p, "prompt")
+        prompts = [await self.encode(p, "prompt") if isinstance(p, str) else list(p)
                    for p in req.prompts]
         max_tokens = min(self.max_tokens_for(len(p), req.max_tokens,
                                              DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
                          for p in prompts)
-        params = sampling_params(req.fields, max_tokens, req.logprobs)
+        params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n)
         job = Job(new_request_id("cmpl"), self.model_name, prompts, params, req.stream,
                   self._echo_prefixes(req, prompts))
         return await self.run(job, CompletionFormatter(self, req.logprobs))

@@ -3,8 +3,9 @@
 Both boil down to a ``Job`` (token-id prompts, one ``SamplingParams``, streaming options) and a
 ``Formatter`` that renders choices in the endpoint's shape. ``OpenAIServing.run`` submits the
 job and returns either the whole response or an async iterator of SSE events: one event per
-generated token, ``finish_reason`` on each choice's last token only, an optional usage event,
-then ``data: [DONE]``.
+choice per step the stream sees (one token, or the tokens of several steps if the client
+reads slower than the engine runs), ``finish_reason`` on each choice's last event only, an
+optional usage event, then ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tachyon.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream, TokenDelta
+from tachyon.engine.async_llm import (
+    AsyncLLM,
+    ChoiceDelta,
+    EngineDeadError,
+    RequestRejected,
+    RequestStream,
+)
 from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, model_not_found
 from tachyon.sampling_params import SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
 # JSON has no -inf: a token masked out (top-k, min-p) reports this instead, as in vLLM.
 MIN_LOGPROB = -9999.0
+# A cheap bound checked before tokenizing, so a huge text never reaches the tokenizer: a
+# prompt that fits the context has at most this many characters per token. Real tokens are
+# far shorter (about 4 characters of English); whitespace runs in code reach a few dozen.
+MAX_CHARS_PER_TOKEN = 32
 
 
 def sse(obj: dict[str, Any]) -> str:
@@ -50,11 +61,11 @@ class Choice:
     def text(self) -> str:
         return self.prefix + "".join(self.texts)
 
-    def add(self, delta: TokenDelta) -> None:
+    def add(self, delta: ChoiceDelta) -> None:
         self.texts.append(delta.text)
-        self.token_ids.append(delta.token_id)
+        self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
-            self.logprobs.append(delta.logprobs)
+            self.logprobs.extend(delta.logprobs)
         self.finish_reason = delta.finish_reason
 
 
@@ -86,7 +97,7 @@ class Formatter(Protocol):
     object: str  # of the full response
     chunk_object: str  # of a streamed chunk
 
-    def chunk_choice(self, choice: Choice, delta: TokenDelta) -> dict[str, Any]:
+    def chunk_choice(self, choice: Choice, delta: ChoiceDelta) -> dict[str, Any]:
         """The choice object of the chunk carrying ``delta``; ``choice`` is not updated yet."""
         ...
 
@@ -107,10 +118,11 @@ def new_request_id(prefix: str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, llm: AsyncLLM, model_name: str, tokenizer: Any) -> None:
+    def __init__(self, llm: AsyncLLM, model_name: str, max_n: int) -> None:
         self.llm = llm
         self.model_name = model_name
-        self.tokenizer = tokenizer  # the server's own copy: the engine thread uses its own
+        self.max_n = max_n
+        self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self._token_texts: dict[int, str] = {}
 
@@ -127,10 +139,20 @@ class OpenAIServing:
             self._token_texts[token_id] = text
         return text
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def check_text_size(self, text: str, param: str) -> None:
+        limit = self.max_model_len * MAX_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise OpenAIError(
+                f"the prompt has {len(text)} characters; a prompt that fits this model's "
+                f"context ({self.max_model_len} tokens) has at most {limit}", param,
+                code="context_length_exceeded")
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        """Size check first, then tokenize on the tokenizer thread (never on the loop)."""
         if self.tokenizer is None:
             raise OpenAIError("this model has no tokenizer; send the prompt as token ids", param)
-        ids = list(self.tokenizer.encode(text))
+        self.check_text_size(text, param)
+        ids = await self.llm.encode(text)
         if not ids:
             raise OpenAIError("the prompt is empty", param)
         return ids
@@ -157,11 +179,11 @@ class OpenAIServing:
 
     async def run(self, job: Job, fmt: Formatter) -> dict[str, Any] | AsyncIterator[str]:
         try:
-            stream = await self.llm.add_request(job.request_id, job.prompts, job.params)
-        except ValueError as e:  # the engine rejected a prompt (token ids out of range, ...)
-            raise OpenAIError(str(e), "prompt") from None
+            stream = self.llm.add_request(job.request_id, job.prompts, job.params)
         except EngineDeadError as e:
             raise OpenAIError(str(e), status=503, type_="server_error") from None
+        except ValueError as e:  # a prompt or a value the engine would refuse
+            raise OpenAIError(str(e), _param_of(str(e))) from None
         if job.stream.stream:
             return self._events(job, fmt, stream)
         async with stream:  # a cancelled waiter (client gone) aborts the request
@@ -169,11 +191,12 @@ class OpenAIServing:
 
     async def _collect(self, job: Job, fmt: Formatter, stream: RequestStream) -> dict[str, Any]:
         choices = job.new_choices()
-        n = job.params.n
         try:
-            async for item in stream:
-                for d in item.deltas:
-                    choices[item.prompt_index * n + d.index].add(d)
+            async for deltas in stream:
+                for d in deltas:
+                    choices[d.index].add(d)
+        except RequestRejected as e:
+            raise OpenAIError(str(e)) from None
         except EngineDeadError as e:
             raise OpenAIError(str(e), status=500, type_="server_error") from None
         return {"id": job.request_id, "object": fmt.object, "created": job.created,
@@ -183,21 +206,33 @@ class OpenAIServing:
     async def _events(self, job: Job, fmt: Formatter, stream: RequestStream
                       ) -> AsyncIterator[str]:
         choices = job.new_choices()
-        n = job.params.n
         head = {"id": job.request_id, "object": fmt.chunk_object, "created": job.created,
                 "model": job.model}
         tail = {"usage": None} if job.stream.include_usage else {}
         try:
             async with stream:
-                async for item in stream:
-                    for d in item.deltas:
-                        choice = choices[item.prompt_index * n + d.index]
+                async for deltas in stream:
+                    for d in deltas:
+                        choice = choices[d.index]
                         yield sse({**head, "choices": [fmt.chunk_choice(choice, d)], **tail})
                         choice.add(d)
-        except EngineDeadError as e:
-            yield sse(OpenAIError(str(e), status=500, type_="server_error").body())
+        except (EngineDeadError, RequestRejected) as e:
+            status = 400 if isinstance(e, RequestRejected) else 500
+            kind = "invalid_request_error" if status == 400 else "server_error"
+            yield sse(OpenAIError(str(e), status=status, type_=kind).body())
             yield SSE_DONE
             return
         if job.stream.include_usage:
             yield sse({**head, "choices": [], "usage": job.usage(choices)})
         yield SSE_DONE
+
+
+def _param_of(message: str) -> str:
+    """The field an engine check names first (``"seed must be ..."``), else the prompt."""
+    first = message.split(" ", 1)[0]
+    return first if first in _SAMPLING_FIELDS else "prompt"
+
+
+_SAMPLING_FIELDS = frozenset(("n", "temperature", "top_p", "top_k", "min_p", "seed",
+                              "presence_penalty", "frequency_penalty", "repetition_penalty",
+                              "max_tokens", "min_tokens", "stop", "logprobs"))

@@ -1,0 +1,153 @@
+"""The engine core in its own process: a loop of ``apply inputs -> step -> send outputs``.
+
+Two zmq PUSH/PULL sockets that the API process binds: inputs (add, abort, shutdown) come in,
+one ``StepOutputs`` per iteration goes out. The output socket has no high-water mark, so a
+slow API process never makes the core wait: it only queues memory. A request the core
+refuses (a check in ``EngineCore.check_request``) fails alone, in ``rejected``; an exception
+in a step ends the process (after a ``CoreFailed`` saying why), and the API process fails
+every request in flight. The core also exits when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+import zmq
+
+from tachyon.config import EngineArgs
+from tachyon.engine.core import EngineCore, TokenEvent
+from tachyon.engine.detokenizer import finish_reason_of
+from tachyon.engine.llm_engine import eos_token_ids
+from tachyon.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    CoreFailed,
+    CoreInput,
+    CoreReady,
+    CoreStats,
+    Finished,
+    Shutdown,
+    StepOutputs,
+)
+from tachyon.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+# While idle, how often the core wakes to check that its parent still lives.
+IDLE_POLL_MS = 1000
+
+
+def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_pid: int,
+                    log_level: str) -> None:
+    """Process entry point: load the model, say ready (or why not), serve until told."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)
+    out.setsockopt(zmq.LINGER, 1000)
+    out.connect(output_addr)
+    inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.RCVHWM, 0)
+    inp.connect(input_addr)
+    enc = msgspec.msgpack.Encoder()
+    try:
+        config = dataclasses.replace(args, skip_tokenizer_init=True).create_config()
+        core = EngineCore(config)
+    except Exception as e:  # bad flags, missing model, out of memory: say so, then exit
+        out.send(enc.encode(CoreFailed(str(e) or repr(e))))
+        out.close()
+        sys.exit(1)
+    tokenizer = None if args.skip_tokenizer_init else config.model.tokenizer_path
+    out.send(enc.encode(CoreReady(
+        config.model.max_model_len, core.vocab_size,
+        sorted(eos_token_ids(config.model.hf_config, None)), tokenizer,
+        core.executor.num_blocks, str(core.executor.startup_report))))
+    loop = CoreLoop(core, inp, out, parent_pid)
+    try:
+        loop.run()
+    except Exception as e:
+        logger.exception("the engine core failed")
+        out.send(enc.encode(CoreFailed(f"the engine core failed: {e!r}")))
+        out.close()
+        sys.exit(1)
+    finally:
+        core.shutdown()
+
+
+class CoreLoop:
+    def __init__(self, core: EngineCore, inp: zmq.Socket, out: zmq.Socket,
+                 parent_pid: int) -> None:
+        self.core = core
+        self.inp = inp
+        self.out = out
+        self.parent_pid = parent_pid
+        self.enc = msgspec.msgpack.Encoder()
+        self.dec = msgspec.msgpack.Decoder(CoreInput)
+
+    def run(self) -> None:
+        core = self.core
+        while True:
+            if os.getppid() != self.parent_pid:  # one cheap syscall per step
+                logger.warning("the API process is gone; the engine core exits")
+                return
+            if not core.has_unfinished_requests() and not self.inp.poll(IDLE_POLL_MS):
+                continue
+            rejected: dict[str, str] = {}
+            if not self._apply_inputs(rejected):
+                return
+            events = core.step() if core.has_unfinished_requests() else []
+            self.out.send(self.enc.encode(self._outputs(events, rejected)), copy=False)
+
+    def _apply_inputs(self, rejected: dict[str, str]) -> bool:
+        """Everything queued, without waiting. False: shut down."""
+        while True:
+            try:
+                raw = self.inp.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            msg = self.dec.decode(raw.buffer)
+            if isinstance(msg, AddRequest):
+                self._add(msg, rejected)
+            elif isinstance(msg, AbortRequests):
+                status = (RequestStatus.FINISHED_STOPPED if msg.stopped
+                          else RequestStatus.FINISHED_ABORTED)
+                self.core.finish_requests(msg.request_ids, status)
+            elif isinstance(msg, Shutdown):
+                return False
+
+    def _add(self, msg: AddRequest, rejected: dict[str, str]) -> None:
+        try:
+            req = Request(msg.request_id, msg.prompt_token_ids, msg.params,
+                          frozenset(msg.eos_token_ids), msg.arrival_time)
+            self.core.check_request(req)
+            self.core.add_request(req)
+        except Exception as e:  # this request's fault: it fails alone
+            rejected[msg.request_id] = str(e) or repr(e)
+
+    def _outputs(self, events: list[TokenEvent], rejected: dict[str, str]) -> StepOutputs:
+        ids, tokens, finished, logprobs = [], [], [], []
+        any_logprobs = False
+        for i, ev in enumerate(events):
+            ids.append(ev.request.request_id)
+            tokens.append(ev.token_id)
+            logprobs.append(ev.logprobs)
+            any_logprobs = any_logprobs or ev.logprobs is not None
+            reason = finish_reason_of(ev.status)
+            if reason is not None:
+                finished.append(Finished(i, reason, ev.stop_reason))
+        return StepOutputs(ids, tokens, finished, logprobs if any_logprobs else [], rejected,
+                           self._stats())
+
+    def _stats(self) -> CoreStats:
+        core = self.core
+        kv, sched = core.kv, core.scheduler
+        return CoreStats(sched.num_running, sched.num_waiting, kv.num_free_blocks,
+                         kv.pool.num_blocks, kv.prefix_queries, kv.prefix_hits,
+                         core.stats["generation_tokens"], core.stats["preemptions"],
+                         core.stats["steps"])
