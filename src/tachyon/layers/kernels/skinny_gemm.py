@@ -298,6 +298,19 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     weight's rows must have unit stride. ``config`` defaults to ``select_config`` (or
     ``default_config`` where the table prefers cuBLAS).
     """
+    return _run(x, weight, bias, config, prologue, warmup=False)
+
+
+def compile_skinny_gemm(x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None, *, config: SkinnyConfig,
+                        prologue: Prologue = Prologue.NONE) -> None:
+    """Compile what ``skinny_gemm`` would launch for these arguments, launching nothing.
+    Inside ``triton.AsyncCompileMode`` the compiles run in its thread pool (benchmarks)."""
+    _run(x, weight, bias, config, prologue, warmup=True)
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         config: SkinnyConfig | None, prologue: Prologue, warmup: bool) -> torch.Tensor:
     n, k = weight.shape
     k_in = 2 * k if prologue == Prologue.SILU_MUL else k
     if x.shape[-1] != k_in:
@@ -318,15 +331,17 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     has_bias = bias is not None
     b = bias if has_bias else out
-    _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+    _skinny_gemm_kernel.run(
         x2, weight, b, out, ws, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
         out.stride(0), PATH=int(cfg.path), PROLOGUE=int(prologue), SPLIT=splits > 1,
         HAS_BIAS=has_bias, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         # fp32 inputs (tests) multiply exactly; bf16/fp16 ignore the setting.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        grid=(triton.cdiv(n, cfg.block_n), splits), warmup=warmup)
     if splits > 1:
-        _split_k_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK), m)](
+        _split_k_reduce_kernel.run(
             ws, b, out, m, n, out.stride(0), SPLIT_K=splits, HAS_BIAS=has_bias,
-            BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS)
+            BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
+            grid=(triton.cdiv(n, _REDUCE_BLOCK), m), warmup=warmup)
     return out.view(*lead, n)
