@@ -12,9 +12,10 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tachyon.cudagraph.modes import CUDAGraphMode
+if TYPE_CHECKING:  # the module stays importable without torch (the CLI's --help)
+    from tachyon.cudagraph.modes import CUDAGraphMode
 
 ENV_CUDAGRAPH_MODE = "TACHYON_CUDAGRAPH_MODE"
 ENV_ATTENTION_BACKEND = "TACHYON_ATTENTION_BACKEND"
@@ -120,38 +121,87 @@ _COMPILATION_KEYS = {
 }
 
 
+def _cli(help: str, **more: Any) -> dict[str, Any]:
+    """Field metadata for the CLI flag of an ``EngineArgs`` field (``tachyon.entrypoints.args``).
+
+    ``more`` keys: ``default_help`` (what the default means, where the value alone does not
+    say it: ``None`` fields), ``aliases`` (more option strings), ``choices``, ``metavar``.
+    """
+    return {"help": help, **more}
+
+
 @dataclass
 class EngineArgs:
-    """Everything a user may set. Field names match the CLI flags (``--max-model-len``...)."""
+    """Everything a user may set, with its default and its help: the only home of both.
 
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    load_format: str = "auto"
-    seed: int = 0
-    skip_tokenizer_init: bool = False
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: str | int | None = None
-    enable_prefix_caching: bool = True
-    num_gpu_blocks_override: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_chunked_prefill: bool = True
-    async_scheduling: bool | None = None  # None: on for CUDA, off for CPU
-    tensor_parallel_size: int = 1
-    distributed_backend: str | None = None
-    device: str = "auto"
-    attention_backend: str | None = None
-    enforce_eager: bool = False
-    cudagraph_mode: str | None = None
-    compilation_config: dict[str, Any] | str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    Each field is one CLI flag named like vLLM's (``max_model_len`` -> ``--max-model-len``);
+    ``tachyon.entrypoints.args`` generates the flags from these fields.
+    """
+
+    model: str | None = field(default=None, metadata=_cli(
+        "HF model directory, .gguf file, or a preset name (qwen3-0.6b, qwen3-4b, qwen3-8b, "
+        "llama-3.2-1b: configs only, use with --load-format dummy)",
+        default_help="the embedded SmolLM2-135M-Instruct GGUF", metavar="MODEL"))
+    tokenizer: str | None = field(default=None, metadata=_cli(
+        "tokenizer directory or .gguf file", default_help="the model's own", metavar="PATH"))
+    dtype: str = field(default="auto", metadata=_cli(
+        "weight and activation dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on "
+        "CUDA and for GGUF models on CPU, else float32)", metavar="DTYPE"))
+    max_model_len: int | None = field(default=None, metadata=_cli(
+        "most tokens (prompt + output) of one request",
+        default_help="the model's max_position_embeddings"))
+    load_format: str = field(default="auto", metadata=_cli(
+        "where weights come from; auto: safetensors for a directory, gguf for a .gguf file; "
+        "dummy: random weights", choices=("auto", "safetensors", "gguf", "dummy")))
+    seed: int = field(default=0, metadata=_cli(
+        "seed of the engine's random generator: dummy weights, and sampling of requests that "
+        "bring no seed of their own"))
+    skip_tokenizer_init: bool = field(default=False, metadata=_cli(
+        "load no tokenizer; prompts must be token ids"))
+    block_size: int = field(default=16, metadata=_cli(
+        "tokens per KV cache block (a power of two <= 256)"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_cli(
+        "fraction of GPU memory for weights, activations, graphs and the KV cache"))
+    kv_cache_memory: str | int | None = field(default=None, metadata=_cli(
+        "KV cache size, e.g. 2GiB or 512MiB (on a GPU it overrides --gpu-memory-utilization)",
+        default_help="1GiB on CPU, what is left on a GPU", metavar="SIZE"))
+    enable_prefix_caching: bool = field(default=True, metadata=_cli(
+        "reuse the KV cache of shared prompt prefixes"))
+    num_gpu_blocks_override: int | None = field(default=None, metadata=_cli(
+        "number of KV cache blocks, instead of sizing the cache from memory",
+        default_help="sized from memory"))
+    max_num_seqs: int = field(default=256, metadata=_cli("most requests running in one step"))
+    max_num_batched_tokens: int | None = field(default=None, metadata=_cli(
+        "most tokens computed in one step",
+        default_help="max(8192, --max-num-seqs) with chunked prefill, else --max-model-len"))
+    enable_chunked_prefill: bool = field(default=True, metadata=_cli(
+        "split long prompts over several steps, next to running decodes"))
+    async_scheduling: bool | None = field(default=None, metadata=_cli(
+        "schedule step N+1 while the device runs step N", default_help="on for CUDA, off for CPU"))
+    tensor_parallel_size: int = field(default=1, metadata=_cli(
+        "GPUs (or CPU processes) to shard the model over", aliases=("-tp",)))
+    distributed_backend: str | None = field(default=None, metadata=_cli(
+        "collective backend for tensor parallelism", choices=("nccl", "gloo"),
+        default_help="nccl on CUDA, gloo on CPU"))
+    device: str = field(default="auto", metadata=_cli(
+        "device to run on; auto: CUDA if a GPU is visible", choices=("auto", "cuda", "cpu")))
+    attention_backend: str | None = field(default=None, metadata=_cli(
+        "attention implementation", choices=("torch", "triton", "flex"),
+        default_help=f"${ENV_ATTENTION_BACKEND}, else triton on CUDA and torch on CPU"))
+    enforce_eager: bool = field(default=False, metadata=_cli(
+        "run without CUDA graphs (same as --cudagraph-mode NONE)"))
+    cudagraph_mode: str | None = field(default=None, metadata=_cli(
+        "NONE, PIECEWISE, FULL, FULL_DECODE_ONLY or FULL_AND_PIECEWISE", metavar="MODE",
+        default_help=f"${ENV_CUDAGRAPH_MODE}, else FULL_AND_PIECEWISE on CUDA and NONE on CPU"))
+    compilation_config: dict[str, Any] | str | None = field(default=None, metadata=_cli(
+        "JSON object; keys: cudagraph_mode, cudagraph_capture_sizes, "
+        "max_cudagraph_capture_size, compile_sizes, piecewise_backend (breakable | compile), "
+        "cache_dir; e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'",
+        aliases=("-O",), default_help="{}", metavar="JSON"))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(
@@ -247,6 +297,8 @@ class EngineArgs:
         return self.device
 
     def _compilation_config(self) -> CompilationConfig:
+        from tachyon.cudagraph.modes import CUDAGraphMode
+
         raw = self.compilation_config or {}
         if isinstance(raw, str):
             try:
