@@ -1,9 +1,10 @@
 """`tachyon serve` end to end: the official openai client against a live server on 127.0.0.1.
 
-The server runs in a subprocess (the real CLI) over a tiny random Llama saved with the
-SmolLM2 tokenizer. References are independent of the server: HF transformers for greedy
-tokens and logprobs, the tokenizer for prompt lengths, the non-streamed text for streams, and
-the same request run alone for the load test.
+The server runs in a subprocess (the real CLI, its engine core in a process of its own) over
+a tiny random Llama saved with the SmolLM2 tokenizer. References are independent of the
+server: HF transformers for greedy tokens and logprobs, ``LLM.generate`` for the same requests,
+the tokenizer for prompt lengths, the non-streamed text for streams, and the same request run
+alone for the load test.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ REQUEST_TIMEOUT_S = 120.0
 IDLE_TIMEOUT_S = 30.0
 # Long enough that no client can read it to the end before it disconnects.
 LONG_MAX_TOKENS = 400
+KV_CACHE_MEMORY = "32MiB"
+# Small server limits, so the tests can cross them cheaply.
+MAX_N = 16
+MAX_REQUEST_BYTES = 1_000_000
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -75,7 +80,8 @@ def server(model_dir: Path) -> Iterator[str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "tachyon.entrypoints.cli", "serve", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL,
-           "--kv-cache-memory", "32MiB", "--device", "cpu"]
+           "--kv-cache-memory", KV_CACHE_MEMORY, "--device", "cpu", "--max-n", str(MAX_N),
+           "--max-request-bytes", str(MAX_REQUEST_BYTES)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -263,9 +269,11 @@ def test_chat_top_logprobs(client: Any) -> None:
 def test_completion_stream_equals_full(client: Any) -> None:
     kwargs = dict(prompt="Once upon a time", max_tokens=12, **GREEDY, extra_body=NO_EOS)
     full = client.completions.create(model=MODEL, **kwargs)
-    chunks, usage = stream_completion(client, stream_options={"include_usage": True}, **kwargs)
+    chunks, usage = stream_completion(client, stream_options={"include_usage": True},
+                                      logprobs=0, **kwargs)
     assert list(chunks) == [0]
-    assert len(chunks[0]) == 12  # one token per chunk
+    # Usually one token per chunk; more when the client reads slower than the engine runs.
+    assert sum(len(c.logprobs.tokens) for c in chunks[0]) == 12
     assert "".join(c.text for c in chunks[0]) == full.choices[0].text
     check_finish_only_last(chunks[0])
     assert usage.model_dump() == full.usage.model_dump()
@@ -279,7 +287,7 @@ def test_chat_stream_equals_full(client: Any) -> None:
                                                  stream_options={"include_usage": True}))
     usage = chunks[-1].usage
     deltas = [c.choices[0] for c in chunks if c.choices]
-    assert len(deltas) == 10
+    assert 1 <= len(deltas) <= 10 and usage.completion_tokens == 10
     assert deltas[0].delta.role == "assistant"
     assert all(d.delta.role is None for d in deltas[1:])
     assert "".join(d.delta.content for d in deltas) == full.choices[0].message.content
@@ -310,7 +318,7 @@ def test_n2(client: Any) -> None:
     chunks, usage = stream_completion(client, stream_options={"include_usage": True}, **kwargs)
     assert sorted(chunks) == [0, 1]
     for i in (0, 1):
-        assert len(chunks[i]) == 5
+        assert 1 <= len(chunks[i]) <= 5
         check_finish_only_last(chunks[i])
     assert usage.completion_tokens == 10
     # A seed makes sampling reproducible, stream or not.
@@ -334,7 +342,7 @@ def test_stop_strings(client: Any) -> None:
     assert "".join(c.text for c in chunks[0]) == want
     check_finish_only_last(chunks[0])
     assert chunks[0][-1].finish_reason == "stop"
-    assert usage.completion_tokens == len(chunks[0]) == out.usage.completion_tokens
+    assert usage.completion_tokens == out.usage.completion_tokens
 
 
 def test_stop_string_across_tokens_never_leaks(client: Any) -> None:
@@ -400,6 +408,19 @@ ERROR_CASES = {
     "content_int": ("chat", {"messages": [{"role": "user", "content": 3}]}, "messages"),
     "top_p_0": ("completions", {"prompt": "x", "top_p": 0}, "top_p"),
     "token_out_of_vocab": ("completions", {"prompt": [10**9]}, "prompt"),
+    # Each of these once took the engine down or was silently ignored.
+    "seed_2_70": ("completions", {"prompt": "x", "seed": 2**70}, "seed"),
+    "seed_max_with_n2": ("completions", {"prompt": "x", "seed": 2**63 - 1, "n": 2}, "seed"),
+    "seed_negative": ("completions", {"prompt": "x", "seed": -1}, "seed"),
+    "n_above_max": ("completions", {"prompt": "x", "n": MAX_N + 1}, "n"),
+    "chat_n_above_max": ("chat", {"messages": CHAT, "n": MAX_N + 1}, "n"),
+    "best_of": ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    "suffix": ("completions", {"prompt": "x", "suffix": "the end"}, "suffix"),
+    "lone_surrogate": ("completions", {"prompt": "a\ud800b"}, "prompt"),
+    "chat_lone_surrogate": ("chat", {"messages": [{"role": "user", "content": "\udfff"}]},
+                            "messages"),
+    "prompt_chars_too_many": ("completions", {"prompt": "ab " * (MAX_MODEL_LEN * 11)},
+                              "prompt"),
 }
 
 
@@ -407,7 +428,9 @@ ERROR_CASES = {
 def test_bad_request_400(server: str, client: Any, case: str) -> None:
     endpoint, body, param = ERROR_CASES[case]
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-    r = httpx.post(f"{server}{path}", json={"model": MODEL, **body}, timeout=30)
+    raw = json.dumps({"model": MODEL, **body})  # ASCII: lone surrogates stay escaped
+    r = httpx.post(f"{server}{path}", content=raw.encode(), timeout=30,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -422,6 +445,39 @@ def test_bad_request_via_openai_client(client: Any) -> None:
                                        top_logprobs=21)
     assert e.value.status_code == 400
     ok_request(client)
+
+
+def test_huge_prompt_refused_before_tokenizing(server: str, client: Any) -> None:
+    """A prompt with more characters than the context could hold is refused by its size
+    alone (the message counts characters, not tokens)."""
+    r = httpx.post(f"{server}/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": "z" * (MAX_REQUEST_BYTES - 100)})
+    assert r.status_code == 400, r.text
+    assert "characters" in r.json()["error"]["message"]
+    ok_request(client)
+
+
+def test_body_too_large_413(server: str, client: Any) -> None:
+    body = json.dumps({"model": MODEL, "prompt": "y" * MAX_REQUEST_BYTES}).encode()
+    r = httpx.post(f"{server}/v1/completions", content=body, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it streams in
+        yield body[: len(body) // 2]
+        yield body[len(body) // 2:]
+
+    r = httpx.post(f"{server}/v1/completions", content=chunked(), timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    ok_request(client)
+
+
+def test_best_of_equal_to_n_is_accepted(client: Any) -> None:
+    out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=2,
+                                    extra_body=NO_EOS)
+    assert len(out.choices) == 2
 
 
 @pytest.mark.parametrize("raw", [b'{"model": "tiny", "prompt": ', b"[1, 2]", b"\xff\xfe"])
@@ -477,7 +533,7 @@ def test_bench_serve(server: str, tmp_path: Path) -> None:
     want = random_workload(12, 16, 4, 0.5, 0)
     assert [r["output_tokens"] for r in reqs] == [w.max_tokens for w in want]
     assert [r["prompt_len"] for r in reqs] == [len(w.prompt) for w in want]
-    assert all(len(r["itl"]) == r["output_tokens"] - 1 for r in reqs)
+    assert all(len(r["itl"]) <= r["output_tokens"] - 1 for r in reqs)
     for key in ("ttft_ms", "tpot_ms", "itl_ms"):
         assert set(summary[key]) == {"mean", "median", "p99"}
     assert summary["ttft_ms"]["median"] > 0 and summary["output_throughput"] > 0
@@ -519,8 +575,8 @@ def test_nonstream_disconnect_aborts(server: str) -> None:
     assert m[ABORTS] == before + 1
 
 
-NUM_LOAD_REQUESTS = 200
-NUM_DISCONNECTS = 20
+NUM_LOAD_REQUESTS = 300
+NUM_DISCONNECTS = 30
 CHUNKS_BEFORE_DISCONNECT = 3
 
 
@@ -546,7 +602,7 @@ async def _load(server: str, jobs: list[dict[str, Any]], leave: set[int]) -> lis
 
 
 def test_load_with_disconnects(server: str, client: Any) -> None:
-    """200 concurrent streams of random lengths, 20 leave midway: every finished stream equals
+    """300 concurrent streams of random lengths, 30 leave midway: every finished stream equals
     the same request run alone, and afterwards every KV block is free."""
     rng = random.Random(1234)
     before = assert_idle(server)[ABORTS]
@@ -568,59 +624,29 @@ def test_load_with_disconnects(server: str, client: Any) -> None:
     assert_idle(server)
 
 
-# -- AsyncLLM on its own -----------------------------------------------------------------------
-def _async_llm(model_dir: Path) -> Any:
-    from tachyon.config import EngineArgs
-    from tachyon.engine.async_llm import AsyncLLM
+# -- the same requests through LLM.generate -------------------------------------------------
+def test_outputs_equal_llm_generate(model_dir: Path, client: Any, tokenizer: Any) -> None:
+    """Greedy, seeded (n = 2) and stop-string requests: the server's texts, token counts and
+    finish reasons equal those of ``LLM.generate`` for the same prompts and parameters."""
+    from tachyon import LLM, SamplingParams
 
-    return AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), kv_cache_memory="8MiB",
-                                                device="cpu"))
-
-
-def test_async_llm_engine_error_reaches_waiters(model_dir: Path) -> None:
-    from tachyon.engine.async_llm import EngineDeadError
-    from tachyon.sampling_params import SamplingParams
-
-    def boom() -> list[Any]:
-        raise RuntimeError("injected step failure")
-
-    async def run() -> None:
-        llm = _async_llm(model_dir)
-        llm.start()
-        try:
-            params = SamplingParams(max_tokens=LONG_MAX_TOKENS, ignore_eos=True)
-            stream = await llm.add_request("r", [[1, 2, 3], [4, 5]], params)
-            first = await asyncio.wait_for(anext(stream), REQUEST_TIMEOUT_S)
-            assert len(first.deltas) == 1
-            llm.engine.step = boom
-            with pytest.raises(EngineDeadError, match="injected"):
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    async for _ in stream:
-                        pass
-            with pytest.raises(EngineDeadError):
-                await llm.add_request("s", [[1]], params)
-            assert not llm.is_running
-        finally:
-            llm.shutdown()
-
-    asyncio.run(run())
-
-
-def test_async_llm_shutdown_wakes_waiters(model_dir: Path) -> None:
-    from tachyon.engine.async_llm import EngineDeadError
-    from tachyon.sampling_params import SamplingParams
-
-    async def run() -> None:
-        llm = _async_llm(model_dir)
-        llm.start()
-        stream = await llm.add_request("r", [[1, 2, 3]], SamplingParams(
-            max_tokens=LONG_MAX_TOKENS, ignore_eos=True))
-        await asyncio.wait_for(anext(stream), REQUEST_TIMEOUT_S)
-        llm.shutdown()
-        assert not llm.is_running
-        with pytest.raises(EngineDeadError):
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                async for _ in stream:
-                    pass
-
-    asyncio.run(run())
+    prompts = ["The capital of France is", "Once upon a time", "def fib(n):"]
+    cases = [dict(temperature=0.0, max_tokens=12),
+             dict(temperature=0.9, top_p=0.9, seed=1234, n=2, max_tokens=10),
+             dict(temperature=0.0, max_tokens=24, stop=["e"])]
+    served = []
+    for kw in cases:
+        extra = {"ignore_eos": True}
+        out = client.completions.create(model=MODEL, prompt=prompts, extra_body=extra, **kw)
+        served.append([(c.text, c.finish_reason) for c in sorted(out.choices,
+                                                                  key=lambda c: c.index)])
+    llm = LLM(model=str(model_dir), kv_cache_memory=KV_CACHE_MEMORY, device="cpu")
+    try:
+        for kw, got in zip(cases, served, strict=True):
+            params = SamplingParams(ignore_eos=True, **kw)
+            want = [(o.text, o.finish_reason) for r in llm.generate(prompts, params,
+                                                                    use_tqdm=False)
+                    for o in r.outputs]
+            assert got == want, kw
+    finally:
+        llm.engine.shutdown()
