@@ -24,17 +24,20 @@ from tachyon.layers.kernels.skinny_gemm import (  # noqa: E402
     default_config,
     shape_class,
     skinny_gemm,
+    skinny_gemm_rms_norm,
 )
 from tachyon.layers.linear import linear  # noqa: E402
 
 # (N, K) pairs off every tile: N=1000 leaves a partial last N tile, K=72 a partial K tile;
 # N=130, K=1040 splits K unevenly (see test_k_slices).
 RAGGED_SHAPES = [(1000, 72), (130, 1040)]
-CONFIGS = [
-    SkinnyConfig(SkinnyPath.FMA, block_n=32, block_k=256, split_k=2),
+FMA_CONFIGS = [  # paired with RAGGED_SHAPES by index: few programs for the interpreter
+    SkinnyConfig(SkinnyPath.FMA, block_n=128, block_k=512, split_k=1),
+    SkinnyConfig(SkinnyPath.FMA, block_n=64, block_k=256, split_k=2),
+]
+DOT_CONFIGS = [
     SkinnyConfig(SkinnyPath.DOT, block_n=64, block_k=256, split_k=1),
     SkinnyConfig(SkinnyPath.DOT_SWAP, block_n=64, block_k=256, split_k=4),
-    SkinnyConfig(SkinnyPath.FMA, block_n=128, block_k=128, split_k=1),
 ]
 
 
@@ -59,13 +62,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("m", range(1, 17))
 def test_matches_float64(m: int, rng: random.Random) -> None:
-    # Every row count, each with one path and one ragged shape (cycled so all meet).
-    config = CONFIGS[m % len(CONFIGS)]
+    # Every row count on CUDA cores and on one MMA path, with one ragged shape (both cycled).
     n, k = RAGGED_SHAPES[m % len(RAGGED_SHAPES)]
     x, w, b = _inputs(rng, m, n, k, bias=m % 2 == 0)
-    out = skinny_gemm(x, w, b, config=config)
-    assert out.shape == (m, n) and out.dtype == x.dtype
-    assert _rel(out, _ref(x, w, b)) < 1e-6, (config, n, k)
+    ref = _ref(x, w, b)
+    for config in (FMA_CONFIGS[m % len(FMA_CONFIGS)], DOT_CONFIGS[m % len(DOT_CONFIGS)]):
+        out = skinny_gemm(x, w, b, config=config)
+        assert out.shape == (m, n) and out.dtype == x.dtype
+        assert _rel(out, ref) < 1e-6, (config, n, k)
 
 
 @pytest.mark.parametrize("path", list(SkinnyPath))
@@ -98,6 +102,31 @@ def test_silu_mul_prologue(path: SkinnyPath, rng: random.Random) -> None:
     out = skinny_gemm(gate_up, w, config=config, prologue=Prologue.SILU_MUL)
     gate, up = gate_up.double().chunk(2, dim=-1)
     assert _rel(out, (torch.nn.functional.silu(gate) * up) @ w.double().T) < 1e-6
+
+
+def _norm64(h: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    h = h.double()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+
+
+@pytest.mark.parametrize(("path", "split_k", "with_residual"), [
+    (SkinnyPath.FMA, 1, True), (SkinnyPath.FMA, 4, False),
+    (SkinnyPath.DOT, 2, True), (SkinnyPath.DOT_SWAP, 1, False),
+])
+def test_rms_norm_prologue(path: SkinnyPath, split_k: int, with_residual: bool,
+                           rng: random.Random) -> None:
+    # y = rms_norm(x + residual) @ W^T + b, and the new residual x + residual; the norm
+    # spans the whole row even when K is split (K=1040: slices of 512, 512 and 16).
+    m, n, k, eps = 5, 130, 1040, 1e-5
+    x, w, b = _inputs(rng, m, n, k)
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 31))
+    residual = torch.randn(m, k, generator=gen) * 3 if with_residual else None
+    g = torch.rand(k, generator=gen) + 0.5
+    config = SkinnyConfig(path, block_n=64, block_k=256, split_k=split_k)
+    out, new_res = skinny_gemm_rms_norm(x, g, eps, w, b, residual, config=config)
+    h = x.double() + (residual.double() if with_residual else 0)
+    assert _rel(new_res, h) < 1e-7
+    assert _rel(out, _ref(_norm64(h, g, eps), w, b)) < 1e-5, (path, split_k)
 
 
 def test_k_slices() -> None:

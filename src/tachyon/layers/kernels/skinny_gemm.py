@@ -20,9 +20,16 @@ K is cut into ``split_k`` slices; each writes an fp32 partial ``[split, M, N]`` 
 small kernel sums them in a fixed order (deterministic, no atomics, no zero-fill), adds the
 bias and rounds to the output dtype.
 
-Prologue (``Prologue``): ``SILU_MUL`` reads the packed gate_up output ``[M, 2K]`` and feeds
-``silu(gate) * up`` to the GEMM, computed on the fly with the rounding of
-``tachyon.layers.fused.silu_and_mul`` (the down projection without a separate launch).
+Prologues (``Prologue``) fold the small op before a projection into its load of x, one
+launch fewer each:
+
+- ``SILU_MUL`` reads the packed gate_up output ``[M, 2K]`` and feeds ``silu(gate) * up``,
+  rounded as ``tachyon.layers.fused.silu_and_mul`` rounds it (down projection).
+- ``RMS_NORM`` (``skinny_gemm_rms_norm``) adds the residual, writes the new residual from the
+  first N tile's programs, feeds ``h * g`` (g the norm's weight) and accumulates each row's
+  sum of squares on the way; every program reads all of its K range anyway, so 1/rms is known
+  at the end and scales the accumulator (with split-K, the reduction sums the partial sums of
+  squares first). qkv and gate_up projections.
 
 CUDA-graph contract: the grid, every constexpr and the workspace size are functions of
 (M, N, K, dtype) and the config table only; nothing is read back to the host, so a captured
@@ -88,6 +95,7 @@ class SkinnyPath(enum.IntEnum):
 class Prologue(enum.IntEnum):
     NONE = 0
     SILU_MUL = 1
+    RMS_NORM = 2
 
 
 @dataclass(frozen=True)
@@ -196,25 +204,54 @@ def skinny_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
 if triton is not None:
 
     @triton.jit
-    def _load_act(x_ptr, offs, mask, K, PROLOGUE: tl.constexpr):
-        # The GEMM input at element offsets ``offs``: x itself, or for SILU_MUL
-        # silu(gate) * up from the packed [.., 2K] row (gate at column k, up at K + k), silu
-        # in fp32 rounded to the input dtype before the product, as silu_and_mul does.
+    def _norm_weight(g_ptr, offs_k, k_mask, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+        # RMS_NORM: this K tile of the norm's weight in fp32 (other prologues ignore it).
+        if PROLOGUE == 2:
+            g = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        else:
+            g = tl.zeros([BLOCK_K], dtype=tl.float32)
+        return g
+
+    @triton.jit
+    def _load_act(x_ptr, res_ptr, offs, mask, g, K, PROLOGUE: tl.constexpr,
+                  HAS_RES: tl.constexpr):
+        # The GEMM operand at element offsets ``offs``, and (RMS_NORM) the activation before
+        # the norm in fp32, for the row's sum of squares and the new residual.
+        # SILU_MUL: silu(gate) * up from the packed [.., 2K] row (gate at k, up at K + k),
+        #   silu in fp32 rounded to the input dtype before the product, as silu_and_mul.
+        # RMS_NORM: a = x (+ residual), rounded as the eager add; operand a * g (the norm's
+        #   weight), rounded to the input dtype; the row's 1/rms scales the accumulator last.
         if PROLOGUE == 1:
             gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             up = tl.load(x_ptr + offs + K, mask=mask, other=0.0)
             act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+            raw = gate
+        elif PROLOGUE == 2:
+            a = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            if HAS_RES:
+                a = a + tl.load(res_ptr + offs, mask=mask, other=0.0)
+            raw = a.to(tl.float32)
+            act = (raw * g).to(a.dtype)
         else:
             act = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        return act
+            raw = act.to(tl.float32)
+        return act, raw
+
+    @triton.jit
+    def _store_residual(res_out_ptr, offs, raw, mask, pid_n, PROLOGUE: tl.constexpr,
+                        HAS_RES: tl.constexpr):
+        # x + residual, written once: by the programs of the first N tile.
+        if PROLOGUE == 2 and HAS_RES:
+            tl.store(res_out_ptr + offs, raw.to(res_out_ptr.dtype.element_ty),
+                     mask=mask & (pid_n == 0))
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_gemm_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
-        M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
-        PATH: tl.constexpr, PROLOGUE: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, res_ptr, res_out_ptr, g_ptr, ss_ptr,
+        M, N, K, k_per_split, stride_xm, stride_wn, stride_om, eps,
+        PATH: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         # Grid (N tiles, K slices). Program (pid_n, pid_k) computes the [BLOCK_N, BLOCK_M]
         # block (output features x rows) over K range [k_start, k_end).
@@ -228,6 +265,7 @@ if triton is not None:
         m_mask = offs_m < M
         # int64 row offsets: an LM head's N * K can pass 2**31 elements.
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)  # RMS_NORM: sum of squares per row
         if PATH == 0:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
@@ -235,47 +273,59 @@ if triton is not None:
                 k_mask = offs_k < k_end
                 w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                             other=0.0).to(tl.float32)
+                g = _norm_weight(g_ptr, offs_k, k_mask, PROLOGUE, BLOCK_K)
                 for m in tl.static_range(BLOCK_M):
-                    xm = _load_act(x_ptr, m * stride_xm + offs_k, k_mask & (m < M), K,
-                                   PROLOGUE).to(tl.float32)
-                    part = tl.sum(w * xm[None, :], axis=1)
+                    row_mask = k_mask & (m < M)
+                    xm, raw = _load_act(x_ptr, res_ptr, m * stride_xm + offs_k, row_mask, g, K,
+                                        PROLOGUE, HAS_RES)
+                    part = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)
                     acc = tl.where(offs_m[None, :] == m, acc + part[:, None], acc)
-        elif PATH == 1:
+                    if PROLOGUE == 2:
+                        ss = tl.where(offs_m == m, ss + tl.sum(raw * raw, axis=0), ss)
+                    _store_residual(res_out_ptr, m * stride_xm + offs_k, raw, row_mask, pid_n,
+                                    PROLOGUE, HAS_RES)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             acc_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_end
                 w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                             other=0.0)
-                x = _load_act(x_ptr, offs_m[:, None] * stride_xm + offs_k[None, :],
-                              m_mask[:, None] & k_mask[None, :], K, PROLOGUE)
-                acc_t = tl.dot(x, tl.trans(w), acc_t, input_precision=DOT_PRECISION)
-            acc = tl.trans(acc_t)
-        else:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for k0 in range(k_start, k_end, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < k_end
-                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                            other=0.0)
-                x = _load_act(x_ptr, offs_m[:, None] * stride_xm + offs_k[None, :],
-                              m_mask[:, None] & k_mask[None, :], K, PROLOGUE)
-                acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+                g = _norm_weight(g_ptr, offs_k, k_mask, PROLOGUE, BLOCK_K)
+                offs_x = offs_m[:, None] * stride_xm + offs_k[None, :]
+                x_mask = m_mask[:, None] & k_mask[None, :]
+                x, raw = _load_act(x_ptr, res_ptr, offs_x, x_mask, g[None, :], K, PROLOGUE,
+                                   HAS_RES)
+                if PROLOGUE == 2:
+                    ss += tl.sum(raw * raw, axis=1)
+                _store_residual(res_out_ptr, offs_x, raw, x_mask, pid_n, PROLOGUE, HAS_RES)
+                if PATH == 1:  # [rows, features]: the rows are the MMA's (padded) M
+                    acc_t = tl.dot(x, tl.trans(w), acc_t, input_precision=DOT_PRECISION)
+                else:  # [features, rows]: features are the MMA's M, rows its N
+                    acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+            if PATH == 1:
+                acc = tl.trans(acc_t)
         mask = n_mask[:, None] & m_mask[None, :]
         if SPLIT:
-            # Partial [split, M, N] in fp32; bias and rounding wait for the reduction.
+            # Partial [split, M, N] in fp32 (and the rows' partial sums of squares);
+            # norm scale, bias and rounding wait for the reduction.
             tl.store(ws_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc,
                      mask=mask)
+            if PROLOGUE == 2:
+                tl.store(ss_ptr + pid_k * M + offs_m, ss, mask=m_mask & (pid_n == 0))
         else:
+            if PROLOGUE == 2:
+                acc = acc * tl.rsqrt(ss / K + eps)[None, :]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None],
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["M"])
-    def _split_k_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om,
-                               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               BLOCK: tl.constexpr):
+    def _split_k_reduce_kernel(ws_ptr, ss_ptr, b_ptr, out_ptr, M, N, K, stride_om, eps,
+                               SPLIT_K: tl.constexpr, NORM: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         # Grid (N tiles, rows): sum the SPLIT_K partials of one row in slice order.
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = tl.program_id(1)
@@ -283,6 +333,11 @@ if triton is not None:
         acc = tl.load(ws_ptr + m * N + offs, mask=mask, other=0.0)
         for s in tl.static_range(1, SPLIT_K):
             acc += tl.load(ws_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
+        if NORM:
+            ss = tl.load(ss_ptr + m)
+            for s in tl.static_range(1, SPLIT_K):
+                ss += tl.load(ss_ptr + s * M + m)
+            acc = acc * tl.rsqrt(ss / K + eps)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -298,7 +353,31 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     weight's rows must have unit stride. ``config`` defaults to ``select_config`` (or
     ``default_config`` where the table prefers cuBLAS).
     """
-    return _run(x, weight, bias, config, prologue, warmup=False)
+    if prologue == Prologue.RMS_NORM:
+        raise ValueError("use skinny_gemm_rms_norm for the RMSNorm prologue")
+    return _run(x, weight, bias, config, prologue, warmup=False)[0]
+
+
+def skinny_gemm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                         weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         residual: torch.Tensor | None = None, *,
+                         config: SkinnyConfig | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``RMSNorm`` then the linear layer, in one launch (two with split-K).
+
+    Returns ``(rms_norm(h) @ weight^T (+ bias), h)`` with ``h = x + residual``, or ``h = x``
+    without a residual, i.e. what ``RMSNorm(x, residual)`` followed by the layer computes.
+    The norm's 1/rms multiplies the fp32 accumulator instead of the input, so the rounding
+    differs from the unfused pair by about one bf16 ulp of the operands.
+    """
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+    if norm_weight.shape != (weight.shape[1],):
+        raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not match K "
+                         f"({weight.shape[1]})")
+    out, new_res = _run(x.contiguous(), weight, bias, config, Prologue.RMS_NORM,
+                        warmup=False, residual=residual, norm_weight=norm_weight, eps=eps)
+    return out, x if new_res is None else new_res
 
 
 def compile_skinny_gemm(x: torch.Tensor, weight: torch.Tensor,
@@ -310,7 +389,10 @@ def compile_skinny_gemm(x: torch.Tensor, weight: torch.Tensor,
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         config: SkinnyConfig | None, prologue: Prologue, warmup: bool) -> torch.Tensor:
+         config: SkinnyConfig | None, prologue: Prologue, warmup: bool,
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch (or with ``warmup`` only compile); returns (out, new residual or None)."""
     n, k = weight.shape
     k_in = 2 * k if prologue == Prologue.SILU_MUL else k
     if x.shape[-1] != k_in:
@@ -323,25 +405,34 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x2.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight need unit stride along K")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    has_res = residual is not None
+    # The norm's residual shares x's (contiguous) row layout: one stride serves both.
+    res = residual.reshape(-1, k).contiguous() if has_res else x2
+    res_out = torch.empty_like(x2) if has_res else x2
+    new_res = res_out.view(*lead, k) if has_res else None
     if m == 0:
-        return out.view(*lead, n)
+        return out.view(*lead, n), new_res
     cfg = config or select_config(m, n, k) or default_config(m, n, k)
     k_per_split = cfg.k_per_split(k)
     splits = cfg.num_splits(k)
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    norm = prologue == Prologue.RMS_NORM
+    ss = torch.empty((splits, m), dtype=torch.float32, device=x.device) if norm else ws
+    g = norm_weight if norm else x2
     has_bias = bias is not None
     b = bias if has_bias else out
     _skinny_gemm_kernel.run(
-        x2, weight, b, out, ws, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
-        out.stride(0), PATH=int(cfg.path), PROLOGUE=int(prologue), SPLIT=splits > 1,
-        HAS_BIAS=has_bias, BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        x2, weight, b, out, ws, res, res_out, g, ss, m, n, k, k_per_split, x2.stride(0),
+        weight.stride(0), out.stride(0), eps, PATH=int(cfg.path), PROLOGUE=int(prologue),
+        HAS_RES=has_res, SPLIT=splits > 1, HAS_BIAS=has_bias, BLOCK_M=cfg.block_m(m),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         # fp32 inputs (tests) multiply exactly; bf16/fp16 ignore the setting.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         grid=(triton.cdiv(n, cfg.block_n), splits), warmup=warmup)
     if splits > 1:
         _split_k_reduce_kernel.run(
-            ws, b, out, m, n, out.stride(0), SPLIT_K=splits, HAS_BIAS=has_bias,
-            BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
+            ws, ss, b, out, m, n, k, out.stride(0), eps, SPLIT_K=splits, NORM=norm,
+            HAS_BIAS=has_bias, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
             grid=(triton.cdiv(n, _REDUCE_BLOCK), m), warmup=warmup)
-    return out.view(*lead, n)
+    return out.view(*lead, n), new_res
