@@ -17,6 +17,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from tachyon.layers import linear as linear_mod  # noqa: E402
+from tachyon.layers.activation import SiluAndMul  # noqa: E402
 from tachyon.layers.kernels.skinny_gemm import (  # noqa: E402
     Prologue,
     SkinnyConfig,
@@ -26,7 +28,8 @@ from tachyon.layers.kernels.skinny_gemm import (  # noqa: E402
     skinny_gemm,
     skinny_gemm_rms_norm,
 )
-from tachyon.layers.linear import linear  # noqa: E402
+from tachyon.layers.linear import MergedColumnParallelLinear, RowParallelLinear, linear  # noqa: E402
+from tachyon.layers.norm import RMSNorm  # noqa: E402
 
 # (N, K) pairs off every tile: N=1000 leaves a partial last N tile, K=72 a partial K tile;
 # N=130, K=1040 splits K unevenly (see test_k_slices).
@@ -153,7 +156,56 @@ def test_default_config_fills_the_grid() -> None:
     assert default_config(16, 1024, 1024).path == SkinnyPath.DOT
 
 
-def test_linear_on_cpu_is_f_linear(rng: random.Random) -> None:
-    # Off CUDA the dispatcher leaves the matmul to torch.
+def test_dispatcher_leaves_cpu_to_torch(rng: random.Random) -> None:
+    x, w, _ = _inputs(rng, 2, 33, 20)
+    assert linear_mod.skinny_config(x, w) is None
+
+
+@pytest.fixture
+def skinny_on_cpu(monkeypatch: pytest.MonkeyPatch) -> list[SkinnyConfig]:
+    """Let the layers take the skinny path on CPU (interpreter), as CUDA does at decode sizes;
+    returns the list of configs the dispatcher handed out."""
+    config = SkinnyConfig(SkinnyPath.FMA, block_n=64, block_k=256, split_k=2)
+    handed: list[SkinnyConfig] = []
+
+    def fake_config(x: torch.Tensor, w: torch.Tensor) -> SkinnyConfig:
+        handed.append(config)
+        return config
+
+    monkeypatch.setattr(linear_mod, "skinny_config", fake_config)
+    return handed
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_mlp_with_fused_prologues(fused: bool, with_residual: bool, rng: random.Random,
+                                  request: pytest.FixtureRequest) -> None:
+    # norm -> gate_up -> silu_and_mul -> down through the layer methods, fused (kernel
+    # prologues) and unfused (the modules), both against float64.
+    handed = request.getfixturevalue("skinny_on_cpu") if fused else []
+    m, hidden, inter, eps = 3, 72, 40, 1e-6
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 31))
+    gate_up = MergedColumnParallelLinear(hidden, [inter, inter])
+    down = RowParallelLinear(inter, hidden)
+    norm = RMSNorm(hidden, eps)
+    for p in (gate_up.weight, down.weight):
+        p.data.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    norm.weight.data.copy_(torch.rand(hidden, generator=gen) + 0.5)
+    x = torch.randn(m, hidden, generator=gen)
+    residual = torch.randn(m, hidden, generator=gen) if with_residual else None
+    y, new_res = gate_up.forward_after_norm(x, residual, norm)
+    out = down.forward_after_silu_mul(y, SiluAndMul())
+    assert len(handed) == (2 if fused else 0)
+    h = x.double() + (residual.double() if with_residual else 0)
+    y_ref = _norm64(h, norm.weight, eps) @ gate_up.weight.double().T
+    gate, up = y.double().chunk(2, dim=-1)
+    assert _rel(new_res, h) < 1e-7
+    assert _rel(y, y_ref) < 1e-5
+    assert _rel(out, (torch.nn.functional.silu(gate) * up) @ down.weight.double().T) < 1e-5
+
+
+def test_linear_routes_to_the_kernel(skinny_on_cpu: list[SkinnyConfig],
+                                     rng: random.Random) -> None:
     x, w, b = _inputs(rng, 2, 33, 20)
     assert _rel(linear(x, w, b), _ref(x, w, b)) < 1e-6
+    assert len(skinny_on_cpu) == 1

@@ -6,10 +6,15 @@ row-parallel layers split the input features and all-reduce the partial sums. Pa
 id and writes this rank's slice of that matrix into the right rows.
 
 Every layer multiplies through ``linear``: cuBLAS, or at decode batch sizes the skinny GEMM
-(``tachyon.layers.kernels.skinny_gemm``), which decides per call from shapes alone.
+(``tachyon.layers.kernels.skinny_gemm``), which decides per call from shapes alone. At those
+sizes the layers also take the small op before them into the GEMM's prologue
+(``forward_after_norm``, ``forward_after_silu_mul``): one launch instead of two.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +25,15 @@ from tachyon.distributed.parallel_state import (
     get_tp_world_size,
     tensor_model_parallel_all_reduce,
 )
-from tachyon.layers.kernels.skinny_gemm import skinny_config, skinny_gemm
+from tachyon.layers.kernels.skinny_gemm import (
+    Prologue,
+    skinny_config,
+    skinny_gemm,
+    skinny_gemm_rms_norm,
+)
+
+if TYPE_CHECKING:
+    from tachyon.layers.norm import RMSNorm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
@@ -80,6 +93,20 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(h), new_residual)`` with ``h, new_residual = norm(x, residual)``
+        (``norm(x), x`` without a residual). At decode sizes one launch: the norm and the
+        residual add run in the GEMM's prologue (x is replicated over ranks, so TP is moot)."""
+        config = skinny_config(x, self.weight)
+        if config is not None:
+            return skinny_gemm_rms_norm(x, norm.weight, norm.eps, self.weight, self.bias,
+                                        residual, config=config)
+        if residual is None:
+            return self(norm(x)), x
+        h, residual = norm(x, residual)
+        return self(h), residual
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         n = param.shape[0]
@@ -148,7 +175,22 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tensor_model_parallel_all_reduce(linear(x, self.weight))
+        return self._reduce(linear(x, self.weight))
+
+    def forward_after_silu_mul(self, x: torch.Tensor,
+                               act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``self(act(x))`` where ``act`` is SiLU-and-mul of the packed gate_up output ``x``
+        (this rank's gate and up shards side by side). At decode sizes one launch: the
+        activation runs in the GEMM's prologue."""
+        config = skinny_config(x, self.weight)
+        if config is None:
+            return self(act(x))
+        return self._reduce(skinny_gemm(x, self.weight, config=config,
+                                        prologue=Prologue.SILU_MUL))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        # Sum over ranks, then the (replicated) bias once.
+        y = tensor_model_parallel_all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
