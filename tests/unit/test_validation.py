@@ -87,21 +87,35 @@ def test_bad_prompt(case: str, engine: LLMEngine, reference_tokens: list[int]) -
 
 
 BAD_SAMPLING = {
-    "negative-temperature": (dict(temperature=-0.5), r"temperature must be >= 0"),
+    "negative-temperature": (dict(temperature=-0.5), r"temperature must be a number in \[0, "),
     "top-p-zero": (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     "top-p-above-one": (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    "top-k-minus-two": (dict(top_k=-2), r"top_k must be 0 or -1 \(disabled\) or a positive"),
+    "top-k-minus-two": (dict(top_k=-2), r"top_k must be 0 or -1 \(disabled\) or an integer"),
+    "top-k-beyond-int32": (dict(top_k=2**31), r"top_k .*an integer in \[1, 2\*\*31\)"),
     "min-p-two": (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
     "max-tokens-zero": (dict(max_tokens=0), r"max_tokens must be an integer >= 1"),
     "min-above-max-tokens": (dict(min_tokens=5, max_tokens=3),
                              r"min_tokens \(5\) must be <= max_tokens \(3\)"),
     "logprobs-21": (dict(logprobs=21), r"logprobs must be an integer in \[0, 20\]"),
     "n-zero": (dict(n=0), r"n must be an integer >= 1"),
+    "n-bool": (dict(n=True), r"n must be an integer >= 1, got True"),
+    "seed-beyond-int64": (dict(seed=2**70), r"seed must be an integer in \[0, 2\*\*63\) or None"),
+    "seed-negative": (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
+    "seed-float": (dict(seed=1.5), r"seed must be an integer in \[0, 2\*\*63\)"),
+    "seed-of-last-sample-overflows": (dict(seed=2**63 - 2, n=3),
+                                      r"seed \+ n - 1 must be < 2\*\*63"),
+    "max-tokens-float": (dict(max_tokens=8.0), r"max_tokens must be an integer >= 1 or None"),
+    "min-tokens-negative": (dict(min_tokens=-1), r"min_tokens must be an integer >= 0"),
+    "temperature-inf": (dict(temperature=float("inf")), r"temperature must be a number in \[0, "),
+    "temperature-beyond-float32": (dict(temperature=1e39), r"temperature must be a number in"),
+    "repetition-penalty-inf": (dict(repetition_penalty=float("inf")),
+                               r"repetition_penalty must be a number in \(0, "),
     "stop-int-in-list": (dict(stop=["ok", 5]), r"stop must be a non-empty string or a list"),
     "stop-empty-string": (dict(stop=""), r"stop must be a non-empty string"),
-    "repetition-penalty-zero": (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0"),
+    "repetition-penalty-zero": (dict(repetition_penalty=0.0),
+                                r"repetition_penalty must be a number in \(0, "),
     "presence-penalty-3": (dict(presence_penalty=3.0), r"presence_penalty must be in \[-2, 2\]"),
-    "nan-temperature": (dict(temperature=float("nan")), r"temperature must be >= 0"),
+    "nan-temperature": (dict(temperature=float("nan")), r"temperature must be a number in"),
     "stop-token-ids-negative": (dict(stop_token_ids=[-3]), "stop_token_ids must be a list"),
 }
 
@@ -143,9 +157,66 @@ def test_params_of_the_wrong_type(engine: LLMEngine, reference_tokens: list[int]
                           "params must be a tachyon.SamplingParams")
 
 
-def test_generate_rejects_a_batch_with_one_bad_prompt_before_queueing_any(
-        tiny_llama: str) -> None:
-    llm = LLM(model=tiny_llama, device="cpu", max_model_len=MAX_MODEL_LEN)
+@pytest.fixture(scope="module")
+def llm(tiny_llama: str) -> LLM:
+    return LLM(model=tiny_llama, device="cpu", max_model_len=MAX_MODEL_LEN)
+
+
+PROMPT_FORMS = r"a prompt is a string, a list of token ids \(ints\), or a dict with 'prompt'"
+BAD_GENERATE_PROMPTS = {
+    "int": (5, rf"prompts must be one prompt or a list of prompts; {PROMPT_FORMS}.*got int"),
+    "none": (None, r"prompts must be one prompt or a list of prompts; .*got NoneType"),
+    "bytes": (b"hello", r"prompts must be one prompt or a list of prompts; .*got bytes"),
+    "set": ({3, 4}, r"prompts must be one prompt or a list of prompts; .*got set"),
+    "float-in-a-list": ([GOOD_PROMPT, 2.5], rf"prompt 1 is a float; {PROMPT_FORMS}"),
+    "ints-mixed-with-strings": ([5, "hello", 7], r"the prompts mix token ids and other values"),
+    "string-in-token-ids": ([GOOD_PROMPT, [5, "x"]], r"prompt 1 holds 'x', not a token id"),
+    "bools-as-token-ids": ([[True, False]], r"prompt 0 holds True, not a token id"),
+    "dict-of-another-shape": ({"text": "hi"}, rf"the prompt is a dict with keys \['text'\]; "
+                                               rf"{PROMPT_FORMS}"),
+    "empty-dict": ({}, r"the prompt is a dict with keys \[\]"),
+    "dict-with-int-prompt": ({"prompt": 5}, r"'prompt' must be a string, got 5"),
+    "dict-with-string-ids": ([{"prompt_token_ids": "hi"}],
+                             r"prompt 0: 'prompt_token_ids' must be a list of ints, got 'hi'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE_PROMPTS))
+def test_generate_rejects_what_is_not_a_prompt(case: str, llm: LLM) -> None:
+    prompts, match = BAD_GENERATE_PROMPTS[case]
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, GOOD_PARAMS, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("params", [5, "greedy", GOOD_PARAMS.__dict__])
+def test_generate_rejects_what_is_not_sampling_params(params: Any, llm: LLM) -> None:
+    with pytest.raises(ValueError, match=r"sampling_params must be a tachyon\.SamplingParams, "
+                                         r"a list of them \(one per prompt\) or None"):
+        llm.generate([GOOD_PROMPT], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("messages", [5, None, "hello", [], [[]], [{"role": "user"}, "hi"]])
+def test_chat_rejects_what_is_not_a_conversation(messages: Any, llm: LLM) -> None:
+    with pytest.raises(ValueError, match=r"messages must be a non-empty list of \{'role': ..., "
+                                         r"'content': ...\} dicts \(one conversation\) or a "
+                                         r"list of such lists"):
+        llm.chat(messages)
+
+
+def test_seeds_up_to_the_int64_limit_work(llm: LLM) -> None:
+    """The largest accepted seed reaches torch, and sample i of n uses seed + i: the second
+    of two samples seeded 2**63 - 2 is the sample seeded 2**63 - 1."""
+    top = 2**63 - 1
+    sampled = dict(temperature=1.0, max_tokens=8, ignore_eos=True)
+    alone = llm.generate([GOOD_PROMPT], SamplingParams(seed=top, **sampled),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    pair = llm.generate([GOOD_PROMPT], SamplingParams(seed=top - 1, n=2, **sampled),
+                        use_tqdm=False)[0].outputs
+    assert len(alone) == 8 and pair[1].token_ids == alone
+
+
+def test_generate_rejects_a_batch_with_one_bad_prompt_before_queueing_any(llm: LLM) -> None:
     good = llm.generate([GOOD_PROMPT], GOOD_PARAMS, use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([GOOD_PROMPT, [1, TINY_VOCAB + 3]], GOOD_PARAMS, use_tqdm=False)

@@ -44,17 +44,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
-        if sampling_params is None:
-            params = [SamplingParams()] * len(prompts)
-        elif isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(
-                    f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, "
-                    f"or one per prompt"
-                )
+        params = _as_params_list(sampling_params, len(prompts))
         # Validate everything before queueing anything: a bad prompt loses nothing.
         for p in params:
             self.engine._check_params(p)
@@ -74,7 +64,7 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or a list of them."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        convs = _as_conversations(messages)
         prompts = [apply_chat_template(self.get_tokenizer(), c, add_generation_prompt)
                    for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -128,12 +118,84 @@ def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]],
     return list(ids)
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+def _as_conversations(messages: object) -> list[list[dict[str, Any]]]:
+    """One conversation (a list of message dicts) or a list of conversations."""
+    if isinstance(messages, list | tuple) and messages:
+        if all(isinstance(m, dict) for m in messages):
+            return [list(messages)]
+        if all(isinstance(c, list | tuple) and c and all(isinstance(m, dict) for m in c)
+               for c in messages):
+            return [list(c) for c in messages]
+    raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} "
+                     "dicts (one conversation) or a list of such lists")
+
+
+def _as_params_list(sampling_params: object, num_prompts: int) -> list[SamplingParams]:
+    """None (defaults), one ``SamplingParams`` for every prompt, or a list of one per prompt.
+    The entries' types are checked by the engine, with the rest of each request."""
+    if sampling_params is None:
+        return [SamplingParams()] * num_prompts
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num_prompts
+    if not isinstance(sampling_params, list | tuple):
+        raise ValueError(f"sampling_params must be a tachyon.SamplingParams, a list of them "
+                         f"(one per prompt) or None; got {type(sampling_params).__name__}")
+    if len(sampling_params) != num_prompts:
+        raise ValueError(f"got {len(sampling_params)} SamplingParams for {num_prompts} "
+                         f"prompts; pass one, or one per prompt")
+    return list(sampling_params)
+
+
+# What generate() accepts, for the error messages.
+_PROMPT_FORMS = ("a prompt is a string, a list of token ids (ints), or a dict with 'prompt' "
+                 "(a string) or 'prompt_token_ids' (a list of ints)")
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
+
+
+def _as_prompt_list(prompts: object) -> list[Prompt]:
+    """One prompt or a sequence of them -> a list of prompts, each checked for its form (the
+    engine checks the content: length, vocabulary)."""
     if isinstance(prompts, str | dict):
-        return [prompts]
+        return [_checked_prompt(prompts, None)]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray):
+        raise ValueError(f"prompts must be one prompt or a list of prompts; {_PROMPT_FORMS}; "
+                         f"got {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
-    if all(isinstance(t, int) for t in prompts):  # one prompt of token ids
+    if all(_is_token_id(t) for t in prompts):  # one prompt of token ids
         return [prompts]
-    return prompts
+    if any(_is_token_id(t) for t in prompts):
+        raise ValueError("the prompts mix token ids and other values: pass one prompt as a "
+                         "list of ints, or a list of prompts (strings, lists of ints, dicts)")
+    return [_checked_prompt(p, i) for i, p in enumerate(prompts)]
+
+
+def _checked_prompt(prompt: object, index: int | None) -> Prompt:
+    where = "the prompt" if index is None else f"prompt {index}"
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list | tuple):
+        bad = [t for t in prompt if not _is_token_id(t)]
+        if bad:
+            raise ValueError(f"{where} holds {bad[0]!r}, not a token id; {_PROMPT_FORMS}")
+        return list(prompt)
+    if isinstance(prompt, dict):
+        _check_prompt_dict(prompt, where)
+        return prompt
+    raise ValueError(f"{where} is a {type(prompt).__name__}; {_PROMPT_FORMS}")
+
+
+def _check_prompt_dict(prompt: dict[Any, Any], where: str) -> None:
+    if not prompt or set(prompt) - _PROMPT_KEYS:
+        raise ValueError(f"{where} is a dict with keys {sorted(map(str, prompt))}; "
+                         f"{_PROMPT_FORMS}")
+    ids = prompt.get("prompt_token_ids", [])
+    if not isinstance(ids, list | tuple) or not all(_is_token_id(t) for t in ids):
+        raise ValueError(f"{where}: 'prompt_token_ids' must be a list of ints, got {ids!r}")
+    if not isinstance(prompt.get("prompt", ""), str):
+        raise ValueError(f"{where}: 'prompt' must be a string, got {prompt['prompt']!r}")
+
+
+def _is_token_id(t: object) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
