@@ -518,26 +518,59 @@ def test_metrics_count_exactly(server: str, client: Any) -> None:
 
 
 def test_bench_serve(server: str, tmp_path: Path) -> None:
-    from tachyon.bench.serve import main
+    from tachyon.bench.serve import main, random_workload
 
     out = tmp_path / "bench.json"
     args = ["--base-url", server, "--dataset", "random", "--num-prompts", "12",
             "--random-input-len", "16", "--random-output-len", "4", "--random-range-ratio",
-            "0.5", "--request-rate", "50", "--max-concurrency", "4", "--json", str(out)]
+            "0.5", "--request-rate", "50", "--max-concurrency", "4", "--ignore-eos",
+            "--json", str(out)]
     assert main(args) == 0
     result = json.loads(out.read_text())
     summary, reqs = result["summary"], result["requests"]
     assert (summary["completed"], summary["failed"]) == (12, 0)
-    from tachyon.bench.serve import random_workload
-
     want = random_workload(12, 16, 4, 0.5, 0)
     assert [r["output_tokens"] for r in reqs] == [w.max_tokens for w in want]
     assert [r["prompt_len"] for r in reqs] == [len(w.prompt) for w in want]
     assert all(len(r["itl"]) <= r["output_tokens"] - 1 for r in reqs)
     for key in ("ttft_ms", "tpot_ms", "itl_ms"):
-        assert set(summary[key]) == {"mean", "median", "p99"}
+        assert set(summary[key]) == {"mean", "std", "median", "p99"}
     assert summary["ttft_ms"]["median"] > 0 and summary["output_throughput"] > 0
     assert_idle(server)
+
+
+def test_bench_serve_vllm_command_line(server: str, model_dir: Path, tokenizer: Any,
+                                       tmp_path: Path) -> None:
+    """``vllm bench serve``'s own options (text prompts through --tokenizer) and its result
+    file's fields."""
+    from tachyon.bench.serve import main, random_workload
+
+    port = httpx.URL(server).port
+    args = ["--backend", "openai", "--host", "127.0.0.1", "--port", str(port),
+            "--endpoint", "/v1/completions", "--model", MODEL, "--tokenizer", str(model_dir),
+            "--dataset-name", "random", "--random-input-len", "12", "--random-output-len", "5",
+            "--random-range-ratio", "0.2", "--num-prompts", "8", "--request-rate", "inf",
+            "--ignore-eos", "--seed", "0", "--save-result", "--result-dir", str(tmp_path),
+            "--result-filename", "r.json", "--disable-tqdm"]
+    assert main(args) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["completed"], r["failed"], r["num_prompts"]) == (8, 0, 8)
+    assert r["output_lens"] == [w.max_tokens for w in random_workload(8, 12, 5, 0.2, 0)]
+    assert r["total_output_tokens"] == sum(r["output_lens"])
+    assert all(n > 0 for n in r["input_lens"])  # as the server counted the text's tokens
+    for key in ("output_throughput", "request_throughput", "total_token_throughput",
+                "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "duration"):
+        assert r[key] > 0, key
+    assert_idle(server)
+
+
+def test_bench_serve_fails_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from tachyon.bench.serve import main
+
+    assert main(["--port", str(_free_port()), "--num-prompts", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tachyon bench serve: error:") and len(err.splitlines()) == 1
 
 
 # -- disconnects and load ----------------------------------------------------------------------
