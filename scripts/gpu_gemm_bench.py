@@ -4,6 +4,8 @@ qwen3-8b; picks the config table of ``tachyon.layers.kernels.skinny_gemm``.
     OUT=./out python scripts/gpu_gemm_bench.py            # ~2-3 min on an H200
     OUT=./out python scripts/gpu_gemm_bench.py --quick    # a few candidates (smoke run)
 
+Compiles run in a thread pool first (``--compile-workers``; 0 compiles lazily, one by one).
+
 For every layer shape and M in {1, 2, 4, 8, 16} it times ``F.linear`` (cuBLAS) and the
 kernel under every candidate config. Timing: R calls, cycling over enough weight copies that
 none is still in L2 when its turn comes back, captured in one CUDA graph (as the engine runs
@@ -48,6 +50,7 @@ from tachyon.layers.kernels.skinny_gemm import (
     default_config,
     shape_class,
     skinny_gemm,
+    skinny_gemm_rms_norm,
 )
 
 # H200 device-to-device copy bandwidth (the issue's floor); the measured figure is reported too.
@@ -67,6 +70,8 @@ MAX_REL_ERROR = 1e-2
 # A table entry keeps cuBLAS unless the kernel is at least this much faster (noise margin).
 CUBLAS_MARGIN = 0.02
 DTYPE = torch.bfloat16
+# Extra seconds past --budget-s the prologue comparison may still start shapes in.
+PROLOGUE_BUDGET_S = 20
 
 # name -> (hidden, intermediate, heads, kv heads, head_dim, vocab, layers)
 MODELS = {
@@ -76,12 +81,15 @@ MODELS = {
 }
 
 # Candidate tiles (block_n, block_k, num_warps, num_stages). FMA: 32-64 bf16 per thread per
-# tile (4-8 16-byte loads in flight), one probe of software pipelining (stages 3). DOT /
-# DOT_SWAP: 2-4 stages of 16-40 KB in shared memory.
+# tile (4-8 16-byte loads in flight), small 2-warp programs for many resident per SM, one
+# probe of software pipelining (stages 3). DOT / DOT_SWAP: 2-4 stages of 16-64 KB in shared
+# memory.
 FMA_TILES = [(4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
-             (16, 512, 8, 1), (8, 512, 4, 3)]
-DOT_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
-SWAP_TILES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 256, 8, 2)]
+             (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3)]
+DOT_TILES = [(32, 256, 4, 3), (32, 512, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
+             (128, 128, 8, 3)]
+SWAP_TILES = [(64, 128, 4, 4), (64, 256, 4, 3), (64, 512, 4, 2), (128, 128, 4, 3),
+              (128, 256, 8, 2)]
 QUICK_TILES = {SkinnyPath.FMA: FMA_TILES[1:3], SkinnyPath.DOT: DOT_TILES[1:2],
                SkinnyPath.DOT_SWAP: SWAP_TILES[:1]}
 SPLITS = (1, 2, 4, 8, 16)
@@ -248,19 +256,33 @@ def bench_shape(sb: ShapeBench, m: int, cfgs: list[SkinnyConfig],
     return row
 
 
-def bench_silu_prologue(sb: ShapeBench, m: int, cfg: tuple, gen: torch.Generator
-                        ) -> dict[str, Any]:
-    """Down projection: silu_and_mul then the GEMM (two launches) against the fused
-    prologue, same config."""
-    from tachyon.layers.fused import silu_and_mul
+def bench_prologue(sb: ShapeBench, layer: str, m: int, cfg: tuple, gen: torch.Generator
+                   ) -> dict[str, Any]:
+    """The op before the layer run separately (two launches) against the fused prologue, same
+    config: silu_and_mul before down_proj, RMSNorm with the residual add before qkv and
+    gate_up."""
+    from tachyon.layers.fused import rms_norm, silu_and_mul
 
     config = SkinnyConfig.from_tuple(cfg)
-    gate_up = torch.randn(m, 2 * sb.k, device="cuda", generator=gen).to(DTYPE)
-    two, out2 = sb.time(lambda a, w: skinny_gemm(silu_and_mul(a), w, config=config), gate_up)
-    one, out1 = sb.time(lambda a, w: skinny_gemm(a, w, config=config,
-                                                 prologue=Prologue.SILU_MUL), gate_up)
-    return {"m": m, "n": sb.n, "k": sb.k, "config": cfg, "separate_us": two, "fused_us": one,
-            "rel_diff": rel_error(out1, out2.float())}
+    if layer == "down_proj":
+        x = torch.randn(m, 2 * sb.k, device="cuda", generator=gen).to(DTYPE)
+        two, out2 = sb.time(lambda a, w: skinny_gemm(silu_and_mul(a), w, config=config), x)
+        one, out1 = sb.time(lambda a, w: skinny_gemm(a, w, config=config,
+                                                     prologue=Prologue.SILU_MUL), x)
+    else:
+        x = torch.randn(m, sb.k, device="cuda", generator=gen).to(DTYPE)
+        res = torch.randn(m, sb.k, device="cuda", generator=gen).to(DTYPE)
+        g = (torch.rand(sb.k, device="cuda", generator=gen) + 0.5).to(DTYPE)
+
+        def separate(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            h, _ = rms_norm(a, g, 1e-6, res)
+            return skinny_gemm(h, w, config=config)
+
+        two, out2 = sb.time(separate, x)
+        one, out1 = sb.time(
+            lambda a, w: skinny_gemm_rms_norm(a, g, 1e-6, w, None, res, config=config)[0], x)
+    return {"layer": layer, "m": m, "n": sb.n, "k": sb.k, "config": cfg, "separate_us": two,
+            "fused_us": one, "rel_diff": rel_error(out1, out2.float())}
 
 
 def choose_table(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int], tuple | None]:
@@ -335,7 +357,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--budget-s", type=float, default=170.0,
                         help="past this, remaining shapes time cuBLAS and the default only")
-    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="threads for the up-front compiles; 0: compile lazily")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT", "./out"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,12 +375,15 @@ def main() -> None:
     print(f"{props.name}: {num_sms} SMs, L2 {l2_bytes >> 20} MB, copy "
           f"{report['copy_gbps']:.0f} GB/s (nominal {NOMINAL_COPY_GBPS:.0f})")
 
-    shapes = sorted({(n, k) for model in args.models for _, n, k in layer_shapes(model)})
+    # Model by model (the smallest, the issue's target, first), each (N, K) once.
+    shapes = list(dict.fromkeys((n, k) for model in args.models
+                                for _, n, k in layer_shapes(model)))
     plan = {(m, n, k): candidates(m, n, k, num_sms, args.quick)
             for n, k in shapes for m in M_VALUES}
     variants = {(SkinnyConfig(c.path, c.block_n, c.block_k, 2, c.num_warps, c.num_stages), m)
                 for (m, _, _), cfgs in plan.items() for c in cfgs}
-    report["compile_s"] = precompile(variants, args.compile_workers)
+    workers = args.compile_workers
+    report["compile_s"] = precompile(variants, workers) if workers else 0.0
     print(f"compiled {len(variants)} variants in {report['compile_s']:.0f} s; "
           f"{sum(map(len, plan.values()))} measurements to go")
 
@@ -385,22 +411,26 @@ def main() -> None:
     report["table"] = {str(key): cfg for key, cfg in table.items()}
     rows_by_shape = {(r["m"], r["n"], r["k"]): r for r in rows}
     report["step_totals"] = step_totals(rows_by_shape, table)
-    report["silu_prologue"] = []
+    report["prologues"] = []
     for model in args.models:
-        _, n, k = layer_shapes(model)[3]
-        if time.perf_counter() - t_start > args.budget_s + 20:
-            break
-        sb = ShapeBench(n, k, l2_bytes, gen)
-        for m in (1, 8, 16):
-            r = rows_by_shape.get((m, n, k))
-            if r and r["best"]:
+        for layer, n, k in layer_shapes(model):
+            if layer not in ("qkv_proj", "gate_up_proj", "down_proj"):
+                continue
+            if time.perf_counter() - t_start > args.budget_s + PROLOGUE_BUDGET_S:
+                break
+            sb = ShapeBench(n, k, l2_bytes, gen)
+            for m in (1, 8, 16):
+                r = rows_by_shape.get((m, n, k))
+                if not (r and r["best"]):
+                    continue
                 try:
-                    report["silu_prologue"].append(bench_silu_prologue(sb, m, r["best"]["config"],
-                                                                       gen))
+                    report["prologues"].append(
+                        bench_prologue(sb, layer, m, r["best"]["config"], gen))
                 except Exception as e:
-                    report["silu_prologue"].append({"m": m, "n": n, "k": k, "error": repr(e)})
-        del sb
-        torch.cuda.empty_cache()
+                    report["prologues"].append({"layer": layer, "m": m, "n": n, "k": k,
+                                                "error": repr(e)})
+            del sb
+            torch.cuda.empty_cache()
     report["wall_s"] = time.perf_counter() - t_start
     json_path.write_text(json.dumps(report, indent=1, default=str))
     module = table_module(table, props.name)
@@ -431,15 +461,15 @@ def print_summary(report: dict[str, Any], module: str, out_dir: Path) -> None:
     for name, t in report["step_totals"].items():
         print(f"  {name:22} cuBLAS {t['cublas_ms']:7.3f} ms  table {t['tuned_ms']:7.3f} ms  "
               f"x{t['speedup']:.2f}")
-    if report["silu_prologue"]:
-        print("\nDown projection, silu_and_mul + GEMM vs the fused SiLU prologue (same config):")
-        for r in report["silu_prologue"]:
+    if report["prologues"]:
+        print("\nPrologue fusion: the op before the layer + GEMM vs one launch (same config):")
+        for r in report["prologues"]:
+            head = f"  {r['layer']:12} M={r['m']:>2} N={r['n']:>6} K={r['k']:>5}:"
             if "error" in r:
-                print(f"  M={r['m']} N={r['n']} K={r['k']}: {r['error']}")
+                print(head, r["error"])
             else:
-                print(f"  M={r['m']:>2} N={r['n']:>5} K={r['k']:>5}: separate "
-                      f"{r['separate_us']:6.1f} us, fused {r['fused_us']:6.1f} us, "
-                      f"rel diff {r['rel_diff']:.1e}")
+                print(f"{head} separate {r['separate_us']:6.1f} us, fused {r['fused_us']:6.1f} "
+                      f"us, rel diff {r['rel_diff']:.1e}")
     errors = {c.get("error") for r in report["rows"] for c in r["skinny"] if c.get("error")}
     wrong = [(r["m"], r["n"], r["k"], c["config"]) for r in report["rows"] for c in r["skinny"]
              if "rel_error" in c and not c["ok"]]
