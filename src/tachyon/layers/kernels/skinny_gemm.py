@@ -78,9 +78,12 @@ _K_LOG2_RANGE = (10, 14)
 # enough loads in flight; DOT programs pipeline through shared memory, one or two per SM.
 _FMA_PROGRAMS_PER_SM = 4
 _DOT_PROGRAMS_PER_SM = 2
-# Rows up to this run on CUDA cores by default: 4 FMAs per weight element stay well under the
-# H200's fp32 rate at full bandwidth, 8 would not.
+# Rows up to this run on CUDA cores by default: at 4.26 TB/s of bf16 weights, 4 FMAs per
+# element are 17 TFLOP/s, a quarter of the H200's fp32 rate (leaving room for the bf16->fp32
+# conversions and the reductions); 8 rows would need half of it.
 _FMA_MAX_M = 4
+# Default split-K cap: a 1024-wide layer at M=1 in 8-row FMA tiles reaches 4 programs per SM
+# on 132 SMs at split 4; beyond 16 the fp32 partials (split x M x N) start to cost real bytes.
 _MAX_SPLIT_K = 16
 # Stand-in SM count off-GPU (CPU interpreter): shapes the default split only.
 _FALLBACK_NUM_SMS = 8
@@ -160,7 +163,7 @@ def default_config(m: int, n: int, k: int) -> SkinnyConfig:
     ``*_PROGRAMS_PER_SM`` programs per SM (powers of two: fewer variants to compile)."""
     if m <= _FMA_MAX_M:
         # 8 rows x 512 columns over 128 threads: 4 16-byte loads per thread per tile.
-        path, block_n, block_k, warps, stages = SkinnyPath.FMA, 8, 512, 4, 2
+        path, block_n, block_k, warps, stages = SkinnyPath.FMA, 8, 512, 4, 1
         target = _FMA_PROGRAMS_PER_SM * _num_sms()
     else:
         # A 64 x 128 bf16 tile is 16 KB a stage; 4 stages keep 64 KB in flight per program.
