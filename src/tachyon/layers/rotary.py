@@ -4,6 +4,7 @@ in HF Llama/Qwen), with the Llama 3 frequency scaling."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -34,22 +35,38 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
+# One cos/sin table per distinct (shape, rope settings, device), shared by every layer that
+# asks for it: building it in float64 takes ~50 ms on a CPU, once per layer before this.
+# Weak values: the table lives as long as a model holds it.
+_CACHES: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _cos_sin_cache(head_dim: int, max_position: int, params: dict[str, Any]) -> torch.Tensor:
+    key = (head_dim, max_position, repr(sorted(params.items())), str(torch.get_default_device()))
+    cache = _CACHES.get(key)
+    if cache is not None:
+        return cache
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, params)
+    elif rope_type not in ("default", None):
+        raise ValueError(f"rope_type {rope_type!r} is not supported (default, llama3)")
+    t = torch.arange(max_position, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    # [max_position, head_dim]: cos in the first half, sin in the second.
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+    _CACHES[key] = cache
+    return cache
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
         self.head_dim = head_dim
-        base = float(params["rope_theta"])
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        rope_type = params.get("rope_type", "default")
-        if rope_type == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, params)
-        elif rope_type not in ("default", None):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (default, llama3)")
-        t = torch.arange(max_position, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)
-        # [max_position, head_dim]: cos in the first half, sin in the second.
-        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.register_buffer("cos_sin_cache", _cos_sin_cache(head_dim, max_position, params),
+                             persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
