@@ -13,6 +13,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton
+import triton.language as tl
 
 from tachyon.attention.kernels.triton_attention import (
     choose_num_splits,
@@ -143,6 +145,38 @@ def test_store_kv_cache_writes_mapped_slots_only() -> None:
     untouched[slots[real]] = False
     assert torch.equal(flat_k[untouched], k_before.flatten(0, 1)[untouched])
     assert torch.equal(flat_v[untouched], v_before.flatten(0, 1)[untouched])
+
+
+def test_store_kv_cache_in_bfloat16() -> None:
+    """The store moves bits without arithmetic, so it is exact in bfloat16 under the
+    interpreter too (the attention kernels are not: see the next test)."""
+    b = _make_batch([5, 2], [5, 30], block_size=16, seed=2)
+    bf16 = {name: b[name].to(torch.bfloat16) for name in ("key", "value", "k_cache", "v_cache")}
+    store_kv_cache(bf16["key"], bf16["value"], bf16["k_cache"], bf16["v_cache"],
+                   b["slot_mapping"])
+    slots = b["slot_mapping"]
+    assert torch.equal(bf16["k_cache"].flatten(0, 1)[slots], bf16["key"])
+    assert torch.equal(bf16["v_cache"].flatten(0, 1)[slots], bf16["value"])
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+    r = tl.arange(0, N)
+    tile = r[:, None] * N + r[None, :]
+    tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
+def test_interpreter_bf16_dot_is_still_wrong() -> None:
+    """Why the triton backend refuses bfloat16 under TRITON_INTERPRET=1
+    (``attention.registry``): the interpreter keeps bfloat16 as uint16 and its ``tl.dot``
+    multiplies those bit patterns (triton-lang/triton#11584). If this fails, a Triton
+    upgrade fixed it: lift the refusal and run the attention tests above in bfloat16."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(16, 16, generator=gen).to(torch.bfloat16) for _ in range(2))
+    c = torch.zeros(16, 16)
+    _dot_kernel[(1,)](a, b, c, N=16)
+    assert _rel_err(c, a.double() @ b.double()) > 1e3
 
 
 @pytest.mark.parametrize(

@@ -347,6 +347,10 @@ BAD_ENGINE_ARGS = {
     "gpu-memory-utilization": (dict(gpu_memory_utilization=1.5),
                                r"gpu_memory_utilization must be in \(0, 1\]"),
     "attention-backend": (dict(attention_backend="magic"), "unknown attention backend 'magic'"),
+    # The CPU tests run Triton in its interpreter (conftest), which gets bf16 dots wrong.
+    "triton-bf16-interpreted": (dict(attention_backend="triton", dtype="bfloat16"),
+                                r"'triton' attention backend cannot run bfloat16 under "
+                                r"TRITON_INTERPRET=1 .*use --dtype float32 or float16"),
     "graph-mode": (dict(cudagraph_mode="FULLEST"),
                    "unknown CUDA graph mode 'FULLEST'; use one of: NONE, PIECEWISE, FULL"),
     "graph-mode-in-json": (dict(compilation_config='{"cudagraph_mode": "sometimes"}'),

@@ -7,6 +7,14 @@ the matmuls. Each function here is one kernel, one pass over its data.
 Every function has a torch reference next to it (``*_ref``). The layers use the Triton
 version on CUDA, and the reference on CPU and while torch.compile traces (Inductor then
 fuses the reference itself). CPU tests run the kernels under ``TRITON_INTERPRET=1``.
+
+Arithmetic is written in fp32, with an explicit rounding (``_round``) wherever the torch
+reference rounds to the input dtype. On a GPU that gives the values of half-precision
+arithmetic: a product or sum of two bf16/fp16 numbers computed in fp32 and rounded once is
+the correctly rounded half-precision result. It is also the only form the Triton interpreter
+gets right: it holds bfloat16 as raw uint16 bits, and adds or multiplies those bits as
+integers (casts are the one bf16 operation it emulates). Weights have the input's dtype, as
+tachyon's layers hold them.
 """
 
 from __future__ import annotations
@@ -37,6 +45,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 if triton is not None:
 
     @triton.jit
+    def _round(x, dtype: tl.constexpr):
+        """fp32 ``x`` rounded to ``dtype`` and back: a rounding of the reference, kept in fp32."""
+        return x.to(dtype).to(tl.float32)
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride,
                          res_stride, out_stride, eps, HAS_RES: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -45,15 +58,15 @@ if triton is not None:
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
-            x = x + tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+            r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+            x = _round(x + r.to(tl.float32), dtype)  # the sum, as the input dtype holds it
             tl.store(res_out_ptr + row * res_stride + cols, x, mask=mask)
-        xf = x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        y = (xf * inv).to(x.dtype) * w
-        tl.store(out_ptr + row * out_stride + cols, y, mask=mask)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * out_stride + cols, _round(x * inv, dtype) * w, mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -104,9 +117,9 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
         gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
         # silu in fp32, rounded to the input dtype before the product, as F.silu does.
-        act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+        act = _round(gate / (1.0 + tl.exp(-gate)), x_ptr.dtype.element_ty)
         tl.store(out_ptr + row * out_stride + cols, act * up, mask=mask)
 
 
@@ -143,16 +156,16 @@ if triton is not None:
         # [optional RMSNorm over the head] then rotate its two halves by the position's angle.
         # cos/sin rows of the cache: [cos | sin], HALF each.
         offs = tl.arange(0, HALF)
-        x1 = tl.load(x_ptr + offs)
-        x2 = tl.load(x_ptr + HALF + offs)
-        dtype = x1.dtype
+        dtype = x_ptr.dtype.element_ty
+        x1 = tl.load(x_ptr + offs).to(tl.float32)
+        x2 = tl.load(x_ptr + HALF + offs).to(tl.float32)
         if HAS_NORM:
-            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-            inv = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / (2 * HALF) + eps)
-            x1 = (f1 * inv).to(dtype) * tl.load(w_ptr + offs)
-            x2 = (f2 * inv).to(dtype) * tl.load(w_ptr + HALF + offs)
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
+            # RMSNorm as in HF: normalised in fp32 and rounded, times the weight (rounded).
+            inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(w_ptr + offs).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
+            x1 = _round(_round(x1 * inv, dtype) * w1, dtype)
+            x2 = _round(_round(x2 * inv, dtype) * w2, dtype)
         cos = tl.load(cache_ptr + pos * 2 * HALF + offs)
         sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + offs)
         tl.store(out_ptr + offs, (x1 * cos - x2 * sin).to(dtype))
