@@ -80,17 +80,18 @@ MODELS = {
     "qwen3-8b": (4096, 12288, 32, 8, 128, 151936, 36),
 }
 
-# Candidate tiles (block_n, block_k, num_warps, num_stages). FMA: 32-64 bf16 per thread per
-# tile (4-8 16-byte loads in flight), small 2-warp programs for many resident per SM, one
-# probe of software pipelining (stages 3). DOT / DOT_SWAP: 2-4 stages of 16-64 KB in shared
-# memory.
-FMA_TILES = [(4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
-             (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3)]
+# Candidate tiles (block_n, block_k, num_warps, num_stages). FMA: 16-64 bf16 per thread per
+# tile (2-8 16-byte loads in flight) from register-only programs (Triton does not pipeline
+# loads that feed no dot, so num_stages is moot); block_k = 256 x num_warps lets x load
+# straight into the layout of W's columns (narrower tiles convert x through shared memory;
+# two such are kept for comparison). DOT / DOT_SWAP: 2-4 stages of 16-64 KB in shared memory.
+FMA_TILES = [(2, 1024, 4, 1), (4, 512, 2, 1), (4, 1024, 4, 1), (8, 512, 2, 1),
+             (8, 1024, 4, 1), (16, 256, 4, 1), (16, 512, 8, 1)]
 DOT_TILES = [(32, 256, 4, 3), (32, 512, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
              (128, 128, 8, 3)]
 SWAP_TILES = [(64, 128, 4, 4), (64, 256, 4, 3), (64, 512, 4, 2), (128, 128, 4, 3),
               (128, 256, 8, 2)]
-QUICK_TILES = {SkinnyPath.FMA: FMA_TILES[1:3], SkinnyPath.DOT: DOT_TILES[1:2],
+QUICK_TILES = {SkinnyPath.FMA: FMA_TILES[3:5], SkinnyPath.DOT: DOT_TILES[2:3],
                SkinnyPath.DOT_SWAP: SWAP_TILES[:1]}
 SPLITS = (1, 2, 4, 8, 16)
 # FMA is left out above this many rows: 16 FMAs per weight element need the fp32 peak.

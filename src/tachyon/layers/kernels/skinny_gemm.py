@@ -162,8 +162,9 @@ def default_config(m: int, n: int, k: int) -> SkinnyConfig:
     """First-principles config: wide tiles along K, and split K until the grid has about
     ``*_PROGRAMS_PER_SM`` programs per SM (powers of two: fewer variants to compile)."""
     if m <= _FMA_MAX_M:
-        # 8 rows x 512 columns over 128 threads: 4 16-byte loads per thread per tile.
-        path, block_n, block_k, warps, stages = SkinnyPath.FMA, 8, 512, 4, 1
+        # 8 rows x 1024 columns over 128 threads: 8 16-byte loads per thread in flight, and
+        # 1024 = 8 x 32 x 4 columns lets x load straight into the layout of W's columns.
+        path, block_n, block_k, warps, stages = SkinnyPath.FMA, 8, 1024, 4, 1
         target = _FMA_PROGRAMS_PER_SM * _num_sms()
     else:
         # A 64 x 128 bf16 tile is 16 KB a stage; 4 stages keep 64 KB in flight per program.
