@@ -282,8 +282,9 @@ def bench_prologue(sb: ShapeBench, layer: str, m: int, cfg: tuple, gen: torch.Ge
         two, out2 = sb.time(separate, x)
         one, out1 = sb.time(
             lambda a, w: skinny_gemm_rms_norm(a, g, 1e-6, w, None, res, config=config)[0], x)
+    diff = rel_error(out1, out2.float())
     return {"layer": layer, "m": m, "n": sb.n, "k": sb.k, "config": cfg, "separate_us": two,
-            "fused_us": one, "rel_diff": rel_error(out1, out2.float())}
+            "fused_us": one, "rel_diff": diff, "ok": diff < MAX_REL_ERROR}
 
 
 def choose_table(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int], tuple | None]:
@@ -470,7 +471,7 @@ def print_summary(report: dict[str, Any], module: str, out_dir: Path) -> None:
                 print(head, r["error"])
             else:
                 print(f"{head} separate {r['separate_us']:6.1f} us, fused {r['fused_us']:6.1f} "
-                      f"us, rel diff {r['rel_diff']:.1e}")
+                      f"us, rel diff {r['rel_diff']:.1e}{'' if r['ok'] else '  WRONG'}")
     errors = {c.get("error") for r in report["rows"] for c in r["skinny"] if c.get("error")}
     wrong = [(r["m"], r["n"], r["k"], c["config"]) for r in report["rows"] for c in r["skinny"]
              if "rel_error" in c and not c["ok"]]
