@@ -267,3 +267,17 @@ def test_compiles_for_hopper() -> None:
     if proc.returncode == 77:
         pytest.skip("this triton has no NVIDIA backend")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_tuned_table_is_well_formed() -> None:
+    # The table is pasted from a benchmark run: every entry must name a launchable config.
+    from tachyon.layers.kernels.skinny_gemm_table import TUNED_CONFIGS
+
+    for (m_bucket, n_log2, k_log2), entry in TUNED_CONFIGS.items():
+        assert m_bucket in (1, 2, 4, 8, 16) and 10 <= n_log2 <= 17 and 10 <= k_log2 <= 14
+        if entry is None:
+            continue
+        cfg = SkinnyConfig.from_tuple(entry)
+        for tile in (cfg.block_n, cfg.block_k, cfg.num_warps):  # tl.arange needs powers of 2
+            assert tile > 0 and tile & (tile - 1) == 0, entry
+        assert cfg.split_k >= 1 and cfg.num_stages >= 1, entry
