@@ -193,12 +193,14 @@ def skinny_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     """The decision of the linear layers: a config to run ``x W^T`` with, or ``None`` for
     ``F.linear``. Skinny on CUDA for 1..16 rows of bf16/fp16 with unit-stride rows, outside
     torch.compile tracing (Inductor then owns the matmul), unless ``TACHYON_SKINNY_GEMM=0``."""
-    if not (SKINNY_GEMM_ENABLED and triton is not None and x.is_cuda):
+    # Tracing first: Dynamo then adds no guards on the checks below.
+    if torch.compiler.is_compiling() or not (SKINNY_GEMM_ENABLED and triton is not None
+                                             and x.is_cuda):
         return None
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not 1 <= m <= MAX_SKINNY_M or x.dtype not in _SKINNY_DTYPES or weight.dtype != x.dtype:
         return None
-    if x.stride(-1) != 1 or weight.stride(-1) != 1 or torch.compiler.is_compiling():
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
         return None
     return select_config(m, weight.shape[0], weight.shape[1])
 
