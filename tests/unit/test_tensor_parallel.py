@@ -14,12 +14,15 @@ import functools
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -270,6 +273,101 @@ def test_workers_exit_when_the_driver_is_killed(models: dict[str, str], tmp_path
         driver.wait()
     assert _wait_gone(pids, timeout=FAIL_FAST_S) == []
     assert not Path(store_dir).exists()
+
+
+def _run_script(path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    path.write_text(textwrap.dedent(source))
+    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_script_without_main_guard(models: dict[str, str], prompts: list[list[int]],
+                                   tmp_path: Path) -> None:
+    """A plain script, no ``if __name__ == "__main__":``: the workers are forked, so nothing
+    re-runs the script, and it prints its tokens once."""
+    proc = _run_script(tmp_path / "plain.py", f"""
+        import json
+        from tachyon import LLM, SamplingParams
+        llm = LLM({models["llama"]!r}, tensor_parallel_size=2, **{ENGINE_KW!r})
+        out = llm.generate({prompts!r}, SamplingParams(temperature=0.0, max_tokens={MAX_NEW},
+                                                       ignore_eos=True), use_tqdm=False)
+        print("TOKENS", json.dumps([o.outputs[0].token_ids for o in out]))
+        llm.shutdown()
+    """)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS ")]
+    want = [_hf_greedy(models["llama"], p)[0] for p in prompts]
+    assert json.loads(line.removeprefix("TOKENS ")) == want
+
+
+def test_spawned_workers_explain_an_unguarded_script(models: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    """Where the workers must be spawned (CUDA already initialised: forced here), each one
+    re-runs the main module; the driver's error carries what the dead ranks wrote, which
+    says what to change."""
+    proc = _run_script(tmp_path / "plain_spawn.py", f"""
+        import json, multiprocessing
+        from tachyon import LLM
+        from tachyon.executor import multiproc
+        multiproc._start_method = lambda: "spawn"
+        try:
+            LLM({models["llama"]!r}, tensor_parallel_size=2, **{ENGINE_KW!r})
+        except RuntimeError as e:
+            if multiprocessing.current_process().name != "MainProcess":
+                raise  # a worker re-running this script: the failure under test
+            print("ERROR", json.dumps(str(e)))
+    """)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR ")]
+    error = json.loads(line.removeprefix("ERROR "))
+    # Both ranks die; the one first seen leads (the other may come within the settle time).
+    assert re.match(r"tensor-parallel worker rank [01] died \(exit code 1\)(; .*)?\n\n"
+                    r"rank [01]'s last stderr lines:\n", error), error
+    assert "a tensor-parallel worker is re-running your main module" in error
+    assert 'Put the script\'s code under `if __name__ == "__main__":`' in error
+
+
+def _fail_rank_one(monkeypatch: pytest.MonkeyPatch, fail: Callable[[], None]) -> None:
+    """Rank 1 runs ``fail`` as it starts (a forked worker inherits the patch)."""
+    from tachyon.executor import multiproc
+
+    start = multiproc.TPWorker.__init__
+
+    def init(self: Any, config: Any, rank: int, *args: Any) -> None:
+        if rank == 1:
+            fail()
+        start(self, config, rank, *args)
+
+    monkeypatch.setattr(multiproc.TPWorker, "__init__", init)
+
+
+def test_a_rank_s_exception_reaches_the_driver(models: dict[str, str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise OSError("rank 1 cannot map its weights (test)")
+
+    _fail_rank_one(monkeypatch, fail)
+    with pytest.raises(RuntimeError) as info:
+        LLM(models["llama"], tensor_parallel_size=2, **ENGINE_KW)
+    message = str(info.value)
+    assert message.startswith("tensor-parallel worker rank 1 failed: OSError: rank 1 cannot "
+                              "map its weights (test)\n\nrank 1 Traceback")
+    assert message.rstrip().endswith("OSError: rank 1 cannot map its weights (test)")
+
+
+def test_a_rank_that_dies_silently_is_named_with_its_stderr(
+        models: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No exception to send (a crash, an os._exit in native code): the driver shows what
+    the rank wrote to its stderr last."""
+    def fail() -> None:
+        os.write(2, b"fatal: the disk is on fire\n")
+        os._exit(3)
+
+    _fail_rank_one(monkeypatch, fail)
+    with pytest.raises(RuntimeError, match=(
+            r"^tensor-parallel worker rank 1 died \(exit code 3\)\n\n"
+            r"rank 1's last stderr lines:\n    fatal: the disk is on fire$")):
+        LLM(models["llama"], tensor_parallel_size=2, **ENGINE_KW)
 
 
 def test_torchrun_ranks(models: dict[str, str], prompts: list[list[int]],

@@ -12,12 +12,16 @@ N's samples, before step N's tokens reach the host).
 How the ranks start:
 
 * **spawned** (one machine; the default). The engine's process is the driver and holds no
-  process group. It starts N daemon workers (spawn context, rank r on ``cuda:r``) that meet
-  through a ``file://`` store in a fresh temp dir: no port, so engines never collide. The
-  driver talks to rank 0 over a pipe and watches every worker: a rank that dies or raises
-  becomes a ``RuntimeError`` in the driver at once, never a hang. Workers leave when the
-  driver shuts down, drops the executor or exits (a finalizer), or dies (pipe EOF and a
-  parent watchdog).
+  process group. It starts N daemon workers (rank r on ``cuda:r``) that meet through a
+  ``file://`` store in a fresh temp dir: no port, so engines never collide. Workers are
+  forked while that is safe (CUDA not initialised in the driver), so a script without an
+  ``if __name__ == "__main__":`` guard works; otherwise they are spawned, which re-imports
+  the main module in every worker. The driver talks to rank 0 over a pipe and watches every
+  worker: a rank that dies or raises becomes a ``RuntimeError`` in the driver at once, never
+  a hang, carrying the rank's exception, or for a rank that died without one (a crash, a
+  failure while a spawned worker imports the main module) the last lines of its stderr,
+  which the driver relays. Workers leave when the driver shuts down, drops the executor or
+  exits (a finalizer), or dies (pipe EOF and a parent watchdog).
 * **torchrun** (any number of machines). RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR are
   set, so nothing is spawned: this process is rank RANK on ``cuda:LOCAL_RANK``. Rank 0 drives
   in-process; every other rank serves inside this constructor and, when rank 0 shuts down,
@@ -36,6 +40,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -67,6 +72,13 @@ SHUTDOWN_GRACE_S = 10.0
 _POLL_INTERVAL_S = 50e-6
 # After a first failure, how long to wait for the other ranks' reports, to name every cause.
 FAILURE_SETTLE_S = 0.5
+# A dead rank's error names its last stderr lines: a Python traceback's last frames and its
+# exception fit, a whole log does not. The relay keeps at most _TAIL_BYTES of them.
+_TAIL_LINES = 25
+_TAIL_BYTES = 16384
+# Worker processes are named this plus their rank; the name reaches a spawned worker before
+# it re-imports the main module (multiprocessing sets it first).
+_WORKER_NAME = "tachyon-tp"
 
 
 class TPWorker:
@@ -202,8 +214,9 @@ class _SpawnedRanks:
     """
 
     def __init__(self, config: EngineConfig, world: int) -> None:
+        _check_not_in_a_worker()
         _check_gpus(config, world)
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(_start_method())
         self.store_dir = tempfile.mkdtemp(prefix="tachyon-tp-")  # where the ranks meet
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
@@ -213,21 +226,29 @@ class _SpawnedRanks:
         self._ended: set[int] = set()  # ranks whose error or death was reported
         self._sent = self._received = 0  # steps sent to rank 0, replies read
         self._unclaimed: dict[int, ModelRunnerOutput] = {}
-        level = logging.getLogger().getEffectiveLevel()
+        self._stderr: list[_StderrRelay] = []
         try:
-            for rank in range(world):
-                ours, theirs = ctx.Pipe()
-                p = ctx.Process(target=_worker_main, name=f"tachyon-tp{rank}", daemon=True,
-                                args=(config, rank, world, self.store_dir, theirs, level))
-                p.start()
-                theirs.close()
-                self.procs.append(p)
-                self.conns.append(ours)
+            self._start_workers(ctx, config, world)
             self.num_blocks, self.startup_report, self.graph_stats = self._await_ready()
             self._workers.serving = True
         except BaseException:
             self.close()
             raise
+
+    def _start_workers(self, ctx: Any, config: EngineConfig, world: int) -> None:
+        level = logging.getLogger().getEffectiveLevel()
+        try:
+            for rank in range(world):
+                ours, theirs = ctx.Pipe()
+                p = ctx.Process(target=_worker_main, name=f"{_WORKER_NAME}{rank}", daemon=True,
+                                args=(config, rank, world, self.store_dir, theirs, level))
+                self._stderr.append(_StderrRelay(p))
+                theirs.close()
+                self.procs.append(p)
+                self.conns.append(ours)
+        finally:
+            for relay in self._stderr:  # threads only after the last fork (fork copies no
+                relay.start()           # thread, but may copy a lock one of them holds)
 
     @property
     def pids(self) -> list[int]:
@@ -334,9 +355,103 @@ class _SpawnedRanks:
                   for r, e in errors]
         self.failure = "; ".join(parts) or "tensor-parallel workers stopped"
         # A death is the cause and peers' errors its echo; otherwise the first error is.
-        detail = f"\n\nrank {errors[0][0]} {errors[0][1].traceback}" \
-            if errors and not deaths else ""
+        if deaths:
+            detail = self._stderr_tails([r for r, _ in deaths])
+        elif errors:
+            detail = f"\n\nrank {errors[0][0]} {errors[0][1].traceback}"
+        else:
+            detail = ""
         raise RuntimeError(self.failure + detail)
+
+    def _stderr_tails(self, ranks: list[int]) -> str:
+        """What dead ranks wrote last: for one that died without reporting (a crash, or a
+        spawned worker failing to import the main module) the only trace of the cause. A
+        tail several ranks share is shown once."""
+        text, shown = "", None
+        for r in ranks:
+            tail = self._stderr[r].tail()
+            if not tail:
+                text += f"\n\nrank {r} wrote nothing to stderr"
+            elif tail == shown:
+                text += f"\n\nrank {r} wrote the same last lines"
+            else:
+                text += f"\n\nrank {r}'s last stderr lines:\n" + textwrap.indent(tail, "    ")
+                shown = tail
+        return text
+
+
+class _StderrRelay:
+    """Starts a worker with its stderr on a pipe, copies what it writes to the driver's
+    stderr, and keeps the last lines: what a rank that died without reporting said last."""
+
+    def __init__(self, proc: mp.process.BaseProcess) -> None:
+        self._read_fd = _start_with_stderr_pipe(proc)
+        self._tail = b""
+        self._thread = threading.Thread(target=self._relay, name=f"{proc.name}-stderr",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _relay(self) -> None:
+        with open(self._read_fd, "rb", buffering=0) as src, open(2, "wb", closefd=False) as dst:
+            while chunk := src.read(_TAIL_BYTES):
+                self._tail = (self._tail + chunk)[-_TAIL_BYTES:]
+                with contextlib.suppress(OSError):  # the driver's stderr is gone: keep the tail
+                    dst.write(chunk)
+                    dst.flush()
+
+    def tail(self) -> str:
+        """The worker's last stderr lines, once it has ended (its pipe is then at EOF)."""
+        self._thread.join(FAILURE_SETTLE_S)
+        return "\n".join(self._tail.decode(errors="replace").rstrip().splitlines()[-_TAIL_LINES:])
+
+
+def _start_with_stderr_pipe(proc: mp.process.BaseProcess) -> int:
+    """Start ``proc`` with a new pipe as its fd 2 and return the pipe's read end. The child
+    inherits fd 2 when it starts (fork or spawn alike), so ours points there just meanwhile;
+    anything another thread of ours writes meanwhile is relayed too."""
+    read_fd, write_fd = os.pipe()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(write_fd, 2)
+        proc.start()
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write_fd)
+    return read_fd
+
+
+def _start_method() -> str:
+    """``fork`` where it is safe, else ``spawn``.
+
+    A forked worker starts from this process's memory: no re-import of torch (seconds per
+    rank) and no re-run of the main module, which a script without a ``__main__`` guard
+    needs. A forked child cannot use CUDA once the parent has initialised it, and macOS
+    system libraries are not fork-safe: spawn there.
+    """
+    if sys.platform != "linux" or torch.cuda.is_initialized():
+        return "spawn"
+    return "fork"
+
+
+def _check_not_in_a_worker() -> None:
+    """A worker never builds an engine: if one tries, it is a spawned worker re-running the
+    caller's unguarded main module. Say what to change (the driver shows this rank's stderr).
+    """
+    if mp.current_process().name.startswith(_WORKER_NAME):
+        raise RuntimeError(
+            "a tensor-parallel worker is re-running your main module, which builds an engine "
+            "when imported. The workers were spawned (CUDA was initialised before the engine "
+            "was created, or this is not Linux), and spawn imports the main module in every "
+            'worker. Put the script\'s code under `if __name__ == "__main__":`, or create the '
+            "engine before anything uses CUDA (then the workers are forked)"
+        )
 
 
 class _RemotePending:
@@ -409,8 +524,9 @@ def _worker_main(config: EngineConfig, rank: int, world: int, store_dir: str,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     _exit_with_parent(store_dir)
     init_method = "file://" + os.path.join(store_dir, "store")
+    # force: a forked worker inherits the driver's handlers, which would keep its format.
     logging.basicConfig(level=log_level if rank == 0 else max(log_level, logging.WARNING),
-                        format=f"%(levelname)s [tp{rank}] %(name)s: %(message)s")
+                        format=f"%(levelname)s [tp{rank}] %(name)s: %(message)s", force=True)
     if config.device == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
