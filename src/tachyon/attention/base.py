@@ -63,7 +63,16 @@ class CommonAttentionMetadata:
       * ``block_table[num_reqs, max_blocks_per_seq]`` (int32);
       * ``slot_mapping[num_tokens]`` (int64): where each new token's K/V is written; -1 = nowhere.
     Host copies (``*_cpu``) exist for backends that must plan on the host (the torch reference).
+
+    ``HOST_ONLY`` fields describe the live batch's contents (real token count, longest query
+    and sequence): eager host code may use them, a kernel inside a FULL graph must not, since
+    the graph keeps the value it saw at capture (``tachyon.cudagraph.contract`` checks this).
     """
+
+    HOST_ONLY: ClassVar[frozenset[str]] = frozenset({
+        "num_actual_tokens", "max_query_len", "max_seq_len", "query_start_loc_cpu",
+        "seq_lens_cpu",
+    })
 
     num_reqs: int
     num_tokens: int  # padded token count (what the tensors are sized to)

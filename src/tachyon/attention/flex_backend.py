@@ -82,7 +82,6 @@ def _cdiv(a: int, b: int) -> int:
 @dataclass
 class FlexAttentionMetadata:
     num_tokens: int  # padded token count T: the query length of the flex call
-    num_actual_tokens: int
     num_reqs: int
     # None only before the KV cache is known (first step); forward then builds it.
     block_mask: BlockMask | None
@@ -184,7 +183,7 @@ class FlexAttentionBackend(AttentionBackend):
             raise ValueError(f"batch of {t} tokens / {r} requests exceeds the flex backend's "
                              f"capacity ({self.max_tokens} / {self.spec.max_num_seqs})")
         self._fill_token_maps(common)
-        md = FlexAttentionMetadata(t, common.num_actual_tokens, r, None, common)
+        md = FlexAttentionMetadata(t, r, None, common)
         if self.num_blocks is not None:
             md.block_mask = self._build_block_mask(common)
         return md

@@ -10,12 +10,14 @@ capture (no compiler) or from torch.compile's split graph (``compiled.py``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tachyon.cudagraph.breakable import BreakableCapture, BreakableGraph, _AttentionCall
+from tachyon.cudagraph.contract import ENV_DEBUG_GRAPHS, Signature, check_replay, signature
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
 from tachyon.cudagraph.graph_impl import CapturedGraph, CudaGraphs, EmulatedGraphs, frozen_gc
 from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode
@@ -38,6 +40,10 @@ class CUDAGraphRunner:
         self.emulate = emulate
         self.impl = EmulatedGraphs() if emulate else CudaGraphs()
         self.full: dict[BatchDescriptor, CapturedGraph] = {}
+        # What each FULL graph's attention metadata was at capture (see contract.py); checked
+        # on every replay under emulation and in the GPU debug mode.
+        self.full_signatures: dict[BatchDescriptor, Signature] = {}
+        self.check_contract = emulate or os.environ.get(ENV_DEBUG_GRAPHS) == "1"
         self.piecewise: dict[int, BreakableGraph] = {}
         self.compiled = compiled
         if self.compiled is not None:
@@ -59,7 +65,11 @@ class CUDAGraphRunner:
     def run(self, plan: StepPlan, ctx: ForwardContext) -> torch.Tensor:
         n = plan.padded_tokens
         if plan.mode is RuntimeMode.FULL:
-            return self.full[BatchDescriptor(n, plan.uniform_decode)].replay()
+            desc = BatchDescriptor(n, plan.uniform_decode)
+            if self.check_contract:
+                check_replay(f"FULL graph {desc} ({ctx.backend.name})",
+                             self.full_signatures[desc], signature(ctx.attn_metadata))
+            return self.full[desc].replay()
         if self.compiled is not None:
             with set_forward_context(ctx):
                 return self.compiled.run(n, RuntimeMode.PIECEWISE)
@@ -107,6 +117,7 @@ class CUDAGraphRunner:
         """Drop every captured graph (their pool memory returns to the allocator); returns the
         compiled model, if any, for reuse."""
         self.full.clear()
+        self.full_signatures.clear()
         self.piecewise.clear()
         if self.compiled is not None:
             for piece in self.compiled.pieces:
@@ -133,7 +144,9 @@ class CUDAGraphRunner:
         ctx = self._context(desc, RuntimeMode.FULL)
         n = desc.num_tokens
         self._forward(n, ctx)  # warm-up: lazy init, autotuning and compilation happen here
-        return self.impl.capture(lambda: self._forward(n, ctx))
+        graph = self.impl.capture(lambda: self._forward(n, ctx))
+        self.full_signatures[desc] = signature(ctx.attn_metadata)
+        return graph
 
     def _capture_breakable(self, n: int) -> BreakableGraph:
         ctx = self._context(BatchDescriptor(n, False), RuntimeMode.PIECEWISE)

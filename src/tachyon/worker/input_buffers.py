@@ -51,6 +51,34 @@ class InputBuffers:
         self.dev_i32[:n32].copy_(self.host_i32[:n32], non_blocking=True)
 
 
+class StagingFence:
+    """Keeps the host from refilling the pinned staging buffers while a queued step still has
+    to copy them to the device.
+
+    A step's host-to-device copies are asynchronous: they read the pinned buffers when the
+    stream reaches them, not when they are queued. Under asynchronous scheduling the host
+    stages step N+1 while the device may still be busy with work queued before step N's
+    copies (a long prefill chunk that samples nothing gives the host no event to wait on), so
+    without this fence step N could run with step N+1's inputs. ``record()`` after the last
+    copy of a step, ``wait()`` before the first host write of the next one; the wait is free
+    whenever the copies are already done, which is almost always.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._pending = False
+
+    def wait(self) -> None:
+        if self._pending:
+            self._event.synchronize()
+            self._pending = False
+
+    def record(self) -> None:
+        if self._event is not None:
+            self._event.record()
+            self._pending = True
+
+
 class SamplingBuffers:
     """Per-request sampling parameters for one step, staged in pinned memory and sent with a
     single asynchronous copy per dtype before the forward pass is queued."""

@@ -24,7 +24,7 @@ from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.layers.sampler import Sampler, SamplingMetadata
 from tachyon.loader.loader import load_model
 from tachyon.sampling_params import SamplingParams
-from tachyon.worker.input_buffers import InputBuffers, SamplingBuffers
+from tachyon.worker.input_buffers import InputBuffers, SamplingBuffers, StagingFence
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class ModelRunner:
                                     self.attn_spec.max_blocks_per_seq, device)
         self.sampler = Sampler()
         self.sampling_buffers = SamplingBuffers(self.max_num_seqs, device)
+        # Pinned staging buffers above are refilled every step: see StagingFence.
+        self.staging_fence = StagingFence(device)
         self._row_owners: list[RequestState | None] = [None] * self.max_num_seqs
         pin = device.type == "cuda"
         self._host_ids = [torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin)
@@ -232,12 +234,14 @@ class ModelRunner:
             self.states.pop(rid, None)
         if out.is_empty:
             return PendingOutput.empty()
+        self.staging_fence.wait()  # the previous step's copies have read the staging buffers
         plan = self._stage(out)
         self.buffers.copy_to_device(plan.padded_reqs)
         self._fill_from_previous(plan)
         common = self._common_metadata(plan)
         metadata = self.backend.build_metadata(common)
         sampling = self._sampling_metadata(plan) if plan.sample_rows else None
+        self.staging_fence.record()  # after the step's last copy out of pinned staging
         hidden = self._run_model(plan, metadata)
         return self._sample(plan, hidden, sampling)
 
