@@ -19,6 +19,7 @@ triton = pytest.importorskip("triton")
 
 from tachyon.layers import linear as linear_mod  # noqa: E402
 from tachyon.layers.activation import SiluAndMul  # noqa: E402
+from tachyon.layers.fused import silu_and_mul_ref  # noqa: E402
 from tachyon.layers.kernels.skinny_gemm import (  # noqa: E402
     Prologue,
     SkinnyConfig,
@@ -59,6 +60,11 @@ def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return y if b is None else y + b.double()
 
 
+def _norm64(h: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    h = h.double()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
 
@@ -75,17 +81,41 @@ def test_matches_float64(m: int, rng: random.Random) -> None:
         assert _rel(out, ref) < 1e-6, (config, n, k)
 
 
-@pytest.mark.parametrize("path", list(SkinnyPath))
-def test_float16_rounds_once(path: SkinnyPath, rng: random.Random) -> None:
-    # fp32 accumulation, one rounding at the end: within an fp16 ulp of the exact result
-    # (fp16 accumulation over K=1040 would be off by many).
+@pytest.mark.parametrize(("path", "dtype"), [
+    *((p, torch.float16) for p in SkinnyPath),
+    # The interpreter's bf16 dot is wrong (triton-lang/triton#11584): bf16 on CUDA cores only.
+    (SkinnyPath.FMA, torch.bfloat16),
+])
+def test_half_precision_rounds_once(path: SkinnyPath, dtype: torch.dtype,
+                                    rng: random.Random) -> None:
+    # fp32 accumulation, one rounding at the end: within an ulp of the exact result (half
+    # precision accumulation over K=1040 would be off by many).
     m, n, k = 5, 130, 1040
-    x, w, b = _inputs(rng, m, n, k, dtype=torch.float16)
+    x, w, b = _inputs(rng, m, n, k, dtype=dtype)
     config = SkinnyConfig(path, block_n=64, block_k=256, split_k=2)
     out = skinny_gemm(x, w, b, config=config)
     ref = _ref(x, w, b)
+    ulp = torch.finfo(dtype).eps
     err = (out.double() - ref).abs()
-    assert out.dtype == torch.float16 and bool((err <= ref.abs() * 2**-10 + 1e-3).all())
+    assert out.dtype == dtype and bool((err <= ref.abs() * ulp + 1e-3).all())
+
+
+def test_bf16_prologues_on_cuda_cores(rng: random.Random) -> None:
+    # bf16 prologues compute in fp32 with explicit roundings: under the interpreter, whose bf16
+    # arithmetic works on raw bits (results off by orders of magnitude), they must still be
+    # right. Its fp32->bf16 conversion truncates instead of rounding, which leaves ~1e-2.
+    m, n, k, eps = 3, 70, 200, 1e-6
+    gate_up, w, _ = _inputs(rng, m, n, 2 * k, dtype=torch.bfloat16, bias=False)
+    w = (w[:, :k] / k**0.5).contiguous()
+    config = SkinnyConfig(SkinnyPath.FMA, block_n=64, block_k=256)
+    out = skinny_gemm(gate_up, w, config=config, prologue=Prologue.SILU_MUL)
+    assert _rel(out, silu_and_mul_ref(gate_up).double() @ w.double().T) < 3e-2
+    x, residual = gate_up[:, :k].contiguous(), gate_up[:, k:].contiguous()
+    g = (torch.rand(k) + 0.5).to(torch.bfloat16)
+    out, new_res = skinny_gemm_rms_norm(x, g, eps, w, None, residual, config=config)
+    h = x.double() + residual.double()
+    assert _rel(new_res, h) < 3e-2
+    assert _rel(out, _ref(_norm64(h, g, eps), w, None)) < 3e-2
 
 
 def test_leading_dims_and_default_config(rng: random.Random) -> None:
@@ -105,11 +135,6 @@ def test_silu_mul_prologue(path: SkinnyPath, rng: random.Random) -> None:
     out = skinny_gemm(gate_up, w, config=config, prologue=Prologue.SILU_MUL)
     gate, up = gate_up.double().chunk(2, dim=-1)
     assert _rel(out, (torch.nn.functional.silu(gate) * up) @ w.double().T) < 1e-6
-
-
-def _norm64(h: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    h = h.double()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * g.double()
 
 
 @pytest.mark.parametrize(("path", "split_k", "with_residual"), [

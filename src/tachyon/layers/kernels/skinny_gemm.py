@@ -221,23 +221,28 @@ if triton is not None:
     @triton.jit
     def _load_act(x_ptr, res_ptr, offs, mask, g, K, PROLOGUE: tl.constexpr,
                   HAS_RES: tl.constexpr):
-        # The GEMM operand at element offsets ``offs``, and (RMS_NORM) the activation before
-        # the norm in fp32, for the row's sum of squares and the new residual.
+        # The GEMM operand at element offsets ``offs`` (in x's dtype), and (RMS_NORM) the
+        # activation before the norm in fp32, for the row's sum of squares and the residual.
+        # Arithmetic runs in fp32 with explicit roundings to x's dtype where the eager ops
+        # round: the same values as bf16 arithmetic on the GPU, and right under the
+        # interpreter, whose bf16 arithmetic is not (triton-lang/triton#11584).
         # SILU_MUL: silu(gate) * up from the packed [.., 2K] row (gate at k, up at K + k),
-        #   silu in fp32 rounded to the input dtype before the product, as silu_and_mul.
+        #   silu rounded before the product, as silu_and_mul.
         # RMS_NORM: a = x (+ residual), rounded as the eager add; operand a * g (the norm's
-        #   weight), rounded to the input dtype; the row's 1/rms scales the accumulator last.
+        #   weight), rounded; the row's 1/rms scales the accumulator at the end.
+        dtype = x_ptr.dtype.element_ty
         if PROLOGUE == 1:
             gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + offs + K, mask=mask, other=0.0)
-            act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+            up = tl.load(x_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            act = (silu * up).to(dtype)
             raw = gate
         elif PROLOGUE == 2:
-            a = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            raw = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RES:
-                a = a + tl.load(res_ptr + offs, mask=mask, other=0.0)
-            raw = a.to(tl.float32)
-            act = (raw * g).to(a.dtype)
+                res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                raw = (raw + res).to(dtype).to(tl.float32)
+            act = (raw * g).to(dtype)
         else:
             act = tl.load(x_ptr + offs, mask=mask, other=0.0)
             raw = act.to(tl.float32)
