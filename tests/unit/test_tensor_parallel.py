@@ -309,7 +309,7 @@ def test_spawned_workers_explain_an_unguarded_script(models: dict[str, str],
         import json, multiprocessing
         from tachyon import LLM
         from tachyon.executor import multiproc
-        multiproc._start_method = lambda: "spawn"
+        multiproc._start_method = lambda device: "spawn"
         try:
             LLM({models["llama"]!r}, tensor_parallel_size=2, **{ENGINE_KW!r})
         except RuntimeError as e:

@@ -60,6 +60,7 @@ from tachyon.distributed.parallel_state import (
     init_distributed,
 )
 from tachyon.engine.scheduler import SchedulerOutput
+from tachyon.executor.stderr_relay import StderrRelay
 from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
 
 logger = logging.getLogger(__name__)
@@ -72,10 +73,6 @@ SHUTDOWN_GRACE_S = 10.0
 _POLL_INTERVAL_S = 50e-6
 # After a first failure, how long to wait for the other ranks' reports, to name every cause.
 FAILURE_SETTLE_S = 0.5
-# A dead rank's error names its last stderr lines: a Python traceback's last frames and its
-# exception fit, a whole log does not. The relay keeps at most _TAIL_BYTES of them.
-_TAIL_LINES = 25
-_TAIL_BYTES = 16384
 # Worker processes are named this plus their rank; the name reaches a spawned worker before
 # it re-imports the main module (multiprocessing sets it first).
 _WORKER_NAME = "tachyon-tp"
@@ -216,7 +213,7 @@ class _SpawnedRanks:
     def __init__(self, config: EngineConfig, world: int) -> None:
         _check_not_in_a_worker()
         _check_gpus(config, world)
-        ctx = mp.get_context(_start_method())
+        ctx = mp.get_context(_start_method(config.device))
         self.store_dir = tempfile.mkdtemp(prefix="tachyon-tp-")  # where the ranks meet
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
@@ -226,7 +223,7 @@ class _SpawnedRanks:
         self._ended: set[int] = set()  # ranks whose error or death was reported
         self._sent = self._received = 0  # steps sent to rank 0, replies read
         self._unclaimed: dict[int, ModelRunnerOutput] = {}
-        self._stderr: list[_StderrRelay] = []
+        self._stderr: list[StderrRelay] = []
         try:
             self._start_workers(ctx, config, world)
             self.num_blocks, self.startup_report, self.graph_stats = self._await_ready()
@@ -242,13 +239,15 @@ class _SpawnedRanks:
                 ours, theirs = ctx.Pipe()
                 p = ctx.Process(target=_worker_main, name=f"{_WORKER_NAME}{rank}", daemon=True,
                                 args=(config, rank, world, self.store_dir, theirs, level))
-                self._stderr.append(_StderrRelay(p))
+                self._stderr.append(StderrRelay(p))
                 theirs.close()
                 self.procs.append(p)
                 self.conns.append(ours)
         finally:
-            for relay in self._stderr:  # threads only after the last fork (fork copies no
-                relay.start()           # thread, but may copy a lock one of them holds)
+            # Relay threads only after the last fork: a child would inherit any lock one of
+            # them held at the moment (fork copies memory, not threads).
+            for relay in self._stderr:
+                relay.start()
 
     @property
     def pids(self) -> list[int]:
@@ -369,7 +368,7 @@ class _SpawnedRanks:
         tail several ranks share is shown once."""
         text, shown = "", None
         for r in ranks:
-            tail = self._stderr[r].tail()
+            tail = self._stderr[r].tail(FAILURE_SETTLE_S)
             if not tail:
                 text += f"\n\nrank {r} wrote nothing to stderr"
             elif tail == shown:
@@ -380,64 +379,25 @@ class _SpawnedRanks:
         return text
 
 
-class _StderrRelay:
-    """Starts a worker with its stderr on a pipe, copies what it writes to the driver's
-    stderr, and keeps the last lines: what a rank that died without reporting said last."""
-
-    def __init__(self, proc: mp.process.BaseProcess) -> None:
-        self._read_fd = _start_with_stderr_pipe(proc)
-        self._tail = b""
-        self._thread = threading.Thread(target=self._relay, name=f"{proc.name}-stderr",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _relay(self) -> None:
-        with open(self._read_fd, "rb", buffering=0) as src, open(2, "wb", closefd=False) as dst:
-            while chunk := src.read(_TAIL_BYTES):
-                self._tail = (self._tail + chunk)[-_TAIL_BYTES:]
-                with contextlib.suppress(OSError):  # the driver's stderr is gone: keep the tail
-                    dst.write(chunk)
-                    dst.flush()
-
-    def tail(self) -> str:
-        """The worker's last stderr lines, once it has ended (its pipe is then at EOF)."""
-        self._thread.join(FAILURE_SETTLE_S)
-        return "\n".join(self._tail.decode(errors="replace").rstrip().splitlines()[-_TAIL_LINES:])
-
-
-def _start_with_stderr_pipe(proc: mp.process.BaseProcess) -> int:
-    """Start ``proc`` with a new pipe as its fd 2 and return the pipe's read end. The child
-    inherits fd 2 when it starts (fork or spawn alike), so ours points there just meanwhile;
-    anything another thread of ours writes meanwhile is relayed too."""
-    read_fd, write_fd = os.pipe()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        os.dup2(write_fd, 2)
-        proc.start()
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(write_fd)
-    return read_fd
-
-
-def _start_method() -> str:
+def _start_method(device: str) -> str:
     """``fork`` where it is safe, else ``spawn``.
 
     A forked worker starts from this process's memory: no re-import of torch (seconds per
     rank) and no re-run of the main module, which a script without a ``__main__`` guard
-    needs. A forked child cannot use CUDA once the parent has initialised it, and macOS
-    system libraries are not fork-safe: spawn there.
+    needs. A forked child cannot use CUDA once its parent has initialised the CUDA driver
+    (any CUDA call does, ``torch.cuda.is_available()`` included), and macOS system libraries
+    are not fork-safe: spawn there.
     """
-    if sys.platform != "linux" or torch.cuda.is_initialized():
+    if sys.platform != "linux" or (device == "cuda" and _cuda_driver_loaded()):
         return "spawn"
     return "fork"
+
+
+def _cuda_driver_loaded() -> bool:
+    # The CUDA runtime loads libcuda at its first call and initialises it (cuInit) then;
+    # torch.cuda.is_initialized() only knows of torch's own, later, initialisation.
+    with open("/proc/self/maps") as maps:
+        return "libcuda.so" in maps.read()
 
 
 def _check_not_in_a_worker() -> None:
@@ -447,10 +407,9 @@ def _check_not_in_a_worker() -> None:
     if mp.current_process().name.startswith(_WORKER_NAME):
         raise RuntimeError(
             "a tensor-parallel worker is re-running your main module, which builds an engine "
-            "when imported. The workers were spawned (CUDA was initialised before the engine "
-            "was created, or this is not Linux), and spawn imports the main module in every "
-            'worker. Put the script\'s code under `if __name__ == "__main__":`, or create the '
-            "engine before anything uses CUDA (then the workers are forked)"
+            "when imported. The workers were spawned (this process had initialised CUDA "
+            "before the engine was created, or this is not Linux), and spawn imports the main "
+            'module in every worker. Put the script\'s code under `if __name__ == "__main__":`'
         )
 
 
