@@ -1,28 +1,61 @@
 #!/usr/bin/env bash
-# Serving benchmark on the GPU machine: start `tachyon serve` (qwen3-0.6b dummy), replay the
-# standard workload at two request rates with `tachyon bench serve`, stop the server.
-# The GPU image lacks fastapi/uvicorn/pydantic: carry their wheels in .whl/ (README, Development).
+# Serving benchmark on the GPU machine (issue 11). `tachyon serve` over the qwen3-0.6b config with
+# a word-level stand-in tokenizer (dummy weights, --max-model-len 4096), measured by
+# `tachyon bench serve` with exactly the options of `vllm bench serve` in the issue: random
+# 512 in / 256 out, ignore_eos, seed 0; 256 prompts at 64 req/s, 256 at inf, 1024 at 64 req/s.
+# Results (vLLM's JSON fields) in $OUT/tachyon_<label>.json, the server log in $OUT/server.log.
+#
+# The GPU image lacks fastapi, uvicorn, pydantic, pyzmq and msgspec: they come from vLLM's site
+# dir /root/vsite when the peer bundle is installed (../shared/peer/README.md; serve_compare.sh
+# there runs vLLM's own client against both servers), else from wheels carried in .whl/.
+# VLLM_CLIENT=1 also runs vLLM's client (needs /root/vsite) against the same tachyon server.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
-if [[ -d .whl ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 PORT=${PORT:-8123}
-python3 -m tachyon.entrypoints.cli serve qwen3-0.6b --load-format dummy --max-model-len 4096 \
+M=${MODEL_DIR:-/tmp/qwen3-0.6b-wordlevel}
+DEPS=
+if [[ -d /root/vsite ]]; then
+  DEPS=/root/vsite
+elif [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && DEPS=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${DEPS:+:$DEPS} PYTHONUNBUFFERED=1
+export TACHYON_CACHE_DIR=${TACHYON_CACHE_DIR:-/tmp/tc} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 scripts/wordlevel_model_dir.py qwen3-0.6b "$M" || exit 1
+
+python3 -m tachyon.entrypoints.cli serve "$M" --load-format dummy --max-model-len 4096 \
     --port "$PORT" > "$OUT/server.log" 2>&1 &
 SERVER=$!
-for _ in $(seq 1 120); do
-  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
-  kill -0 $SERVER 2>/dev/null || { tail -20 "$OUT/server.log"; exit 1; }
+up=0
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && { up=1; break; }
+  kill -0 $SERVER 2>/dev/null || break
   sleep 1
 done
-for rate in ${RATES:-16 64}; do
-  python3 -m tachyon.entrypoints.cli bench serve --base-url "http://127.0.0.1:$PORT" \
-      --dataset standard --num-prompts ${NUM_PROMPTS:-256} --request-rate "$rate" \
-      --json "$OUT/serve_rate$rate.json" 2>&1 | tail -14
-done
+if [[ $up != 1 ]]; then echo "tachyon serve did not come up"; tail -20 "$OUT/server.log"; exit 1; fi
+
+bench() {  # $1 = label, $2 = request rate, $3 = number of prompts
+  python3 -m tachyon.entrypoints.cli bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
+      --endpoint /v1/completions --model "$M" --tokenizer "$M" --dataset-name random \
+      --random-input-len 512 --random-output-len 256 --num-prompts "$3" --request-rate "$2" \
+      --ignore-eos --seed 0 --save-result --result-dir "$OUT" --result-filename "tachyon_$1.json" \
+      2>&1 | tail -22
+}
+status=0
+bench rate64 64 256 || status=1
+bench rate_inf inf 256 || status=1
+bench rate64_n1024 64 1024 || status=1
+if [[ ${VLLM_CLIENT:-0} == 1 && -d /root/vsite ]]; then
+  ( source /root/vsite/env.sh; export PYTHONPATH=/root/vsite
+    timeout 300 python3 -m vllm.entrypoints.cli.main bench serve --backend openai \
+      --base-url "http://127.0.0.1:$PORT" --endpoint /v1/completions --model "$M" --tokenizer "$M" \
+      --dataset-name random --random-input-len 512 --random-output-len 256 --num-prompts 256 \
+      --request-rate 64 --ignore-eos --seed 0 --save-result --result-dir "$OUT" \
+      --result-filename vllm_client_rate64.json 2>&1 | grep -v -E "WARNING|it/s\]" | tail -28 )
+fi
 kill $SERVER; wait $SERVER 2>/dev/null
+tail -3 "$OUT/server.log"
+exit $status

@@ -81,11 +81,12 @@ class RequestCollector:
     async def get(self) -> list[ChoiceDelta]:
         """The next deltas (one per choice that moved); raises the request's error."""
         await self._ready.wait()
-        self._ready.clear()
-        if self._error is not None and not self._pending:
-            raise self._error
         out = list(self._pending.values())
         self._pending = {}
+        if self._error is None:
+            self._ready.clear()
+        elif not out:  # what came before the error was handed out first
+            raise self._error
         return out
 
     @property
