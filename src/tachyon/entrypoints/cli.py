@@ -29,6 +29,15 @@ EXIT_INTERRUPTED = 130
 BENCHES = {"throughput": "tachyon.bench.throughput", "latency": "tachyon.bench.latency",
            "serve": "tachyon.bench.serve"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# generate and chat run one request at a time: sized for one, the KV cache on a CPU is what
+# one --max-model-len request needs (189 MB for SmolLM2) instead of the 1 GiB default, which
+# took 0.9 s to zero at start-up; on a GPU only batch-1 graphs are captured.
+ONE_REQUEST = {"max_num_seqs": 1}
+# Idle OpenMP threads sleep instead of spinning. On a CPU whose cores other processes also
+# use, spinning threads starve the ones doing the work: on the 2-core machine at load 5, a
+# one-token generate took 2.4-3.3 s spinning and 0.10-0.17 s passive, 32 tokens 32-48 s
+# against 3.2-4.7 s (docs/performance.md). Set OMP_WAIT_POLICY to override.
+OMP_WAIT_POLICY = "PASSIVE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: on when the tokenizer has one)")
     gen.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                      help="send the prompt as raw text")
-    add_engine_args(gen)
+    add_engine_args(gen, defaults=ONE_REQUEST)
     add_sampling_args(gen)
 
     chat = sub.add_parser("chat", help="interactive chat that streams the reply",
@@ -57,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Interactive chat. Ctrl-C stops the reply being "
                                       "written; Ctrl-C at the prompt, Ctrl-D or /exit quits.")
     chat.add_argument("--system", default=None, help="system prompt (default: none)")
-    add_engine_args(chat)
+    add_engine_args(chat, defaults=ONE_REQUEST)
     add_sampling_args(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
@@ -77,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads: the OpenMP runtime reads the policy once, when it starts.
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     parser = build_parser()
     ns = parse_args(parser, argv)
     if ns.command is None:

@@ -83,18 +83,44 @@ def config_from_dict(data: dict[str, Any]) -> Any:
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+def as_transformers_config(cfg: Any) -> Any:
+    """``cfg`` as its model's own transformers class (``LlamaConfig``...), which building a
+    transformers model needs; a generic one (``read_saved_config``) is converted."""
+    from transformers import AutoConfig
+    from transformers.configuration_utils import PreTrainedConfig
+
+    if type(cfg) is not PreTrainedConfig:
+        return cfg
+    fields = cfg.to_dict()
+    fields.pop("model_type", None)
+    return AutoConfig.for_model(cfg.model_type, **fields)
+
+
+def read_saved_config(directory: str) -> Any:
+    """A config tachyon saved itself, as a generic transformers ``PreTrainedConfig``.
+
+    The model's own class (``LlamaConfig``) would import transformers' model-loading stack
+    and torch.distributed with it: 0.6-1.0 s of a 2-core machine's start-up. The saved file
+    holds every field explicitly, so the class's defaults are not needed to read it; tachyon's
+    models only read attributes. ``as_transformers_config`` gives the real class back.
+    """
+    from transformers.configuration_utils import PreTrainedConfig
+
+    return PreTrainedConfig.from_json_file(str(Path(directory) / "config.json"))
+
+
 def _resolve_gguf(path: Path, load_format: str, tokenizer: str | None) -> ResolvedModel:
     if load_format not in ("auto", "gguf", "dummy"):
         raise ValueError(f"{path} is a GGUF file; use --load-format auto, gguf or dummy")
-    from transformers import AutoConfig
-
     from tachyon.loader.weights import cached_from_gguf
 
+    def from_gguf() -> Any:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+
     try:
-        cfg = cached_from_gguf(
-            str(path), "config",
-            lambda: AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name),
-            AutoConfig.from_pretrained)
+        cfg = cached_from_gguf(str(path), "config", from_gguf, read_saved_config)
     except Exception as e:  # gguf raises assorted errors on damaged files
         raise ValueError(f"cannot read GGUF file {path}: {e}") from e
     if not getattr(cfg, "architectures", None):

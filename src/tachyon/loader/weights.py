@@ -109,8 +109,10 @@ def _dequantize_gguf(gguf_path: str, hf_config: Any) -> dict[str, torch.Tensor]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.utils import logging as hf_logging
 
+    from tachyon.loader.resolve import as_transformers_config
+
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
+        skeleton = AutoModelForCausalLM.from_config(as_transformers_config(hf_config))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -131,8 +133,10 @@ def iterate_dummy(hf_config: Any, seed: int, device: torch.device,
     """
     from transformers import AutoModelForCausalLM
 
+    from tachyon.loader.resolve import as_transformers_config
+
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
+        skeleton = AutoModelForCausalLM.from_config(as_transformers_config(hf_config))
     gen = torch.Generator(device=device)
     seen: set[int] = set()
     for name, p in skeleton.state_dict(keep_vars=True).items():
