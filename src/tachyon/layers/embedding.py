@@ -12,6 +12,7 @@ from tachyon.distributed.parallel_state import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from tachyon.layers.linear import linear
 
 # Pad the vocabulary so every rank's slice has the same, aligned size.
 VOCAB_PAD_TO = 64
@@ -56,5 +57,5 @@ class ParallelLMHead(VocabParallelEmbedding):
             raise ValueError("LM heads with a bias are not supported")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tensor_model_parallel_all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = tensor_model_parallel_all_gather(linear(hidden, self.weight), dim=-1)
         return logits[..., : self.vocab_size]

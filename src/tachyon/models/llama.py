@@ -7,7 +7,7 @@ Layout follows HF names so checkpoints map one to one, except the packed project
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +24,9 @@ from tachyon.layers.linear import (
 )
 from tachyon.layers.norm import RMSNorm
 from tachyon.layers.rotary import RotaryEmbedding, rope_parameters
+
+# Copies a full HF tensor into (this rank's part of) a parameter: (parameter, tensor) -> None.
+WeightLoader = Callable[[torch.Tensor, torch.Tensor], None]
 
 # HF checkpoint name piece -> (our packed parameter, shard id)
 PACKED = {
@@ -52,10 +55,11 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, layer_idx)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from the projected ``qkv`` (the decoder layer runs ``qkv_proj``, so the
+        input norm can ride in its prologue)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        t = hidden.shape[0]
+        t = qkv.shape[0]
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
@@ -93,14 +97,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # At decode sizes each norm (with the residual add) runs in the prologue of the GEMM
+        # that follows it, and SiLU-and-mul in the down projection's: see layers/linear.py.
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = attn.qkv_proj.forward_after_norm(hidden, residual, self.input_layernorm)
+        hidden = attn(positions, qkv)
+        gate_up, residual = mlp.gate_up_proj.forward_after_norm(
+            hidden, residual, self.post_attention_layernorm)
+        return mlp.down_proj.forward_after_silu_mul(gate_up, mlp.act_fn), residual
 
 
 class LlamaModel(nn.Module):
@@ -146,38 +150,47 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
+    def weight_loader_for(self, name: str) -> tuple[str, WeightLoader] | None:
+        """Where the HF-named tensor ``name`` goes: (our parameter's name, a function that
+        copies a full HF tensor into this rank's part of that parameter, checking its shape).
+        None for tensors with no place by design (rotary tables, a tied LM head); a
+        ``ValueError`` naming the tensor for anything else. Loading and ``update_weights``
+        both go through here, so names, packing and TP sharding are decided in one place."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return None
+        target, shard = name, None
+        for piece, (packed, shard_id) in PACKED.items():
+            if f".{piece}." in name:
+                target, shard = name.replace(piece, packed), shard_id
+                break
+        try:
+            self.get_parameter(target)
+            owner = self.get_submodule(target.rsplit(".", 1)[0])
+        except AttributeError:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has no place in {type(self).__name__}") from None
+        loader = getattr(owner, "weight_loader", None)
+        if loader is None:
+            return target, default_weight_loader  # checks the shape: copy_ broadcasts
+        if shard is None:
+            return target, loader
+        return target, lambda param, tensor: loader(param, tensor, shard)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the names of the parameters that were filled."""
-        params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            where = self.weight_loader_for(name)
+            if where is None:
                 continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            target, shard = name, None
-            for piece, (packed, shard_id) in PACKED.items():
-                if f".{piece}." in name:
-                    target, shard = name.replace(piece, packed), shard_id
-                    break
-            if target not in params:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[target]
-            owner = self.get_submodule(target.rsplit(".", 1)[0])
-            loader = getattr(owner, "weight_loader", None)
-            if loader is None:
-                default_weight_loader(param, tensor)  # checks the shape: copy_ broadcasts
-            elif shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
+            target, load = where
+            load(self.get_parameter(target), tensor)
             loaded.add(target)
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")
-        missing = set(params) - loaded
+        missing = set(dict(self.named_parameters())) - loaded
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         return loaded
-
-
