@@ -10,14 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# One intra-op thread per process: the suite's models are tiny, and on a 2-core machine two
+# OpenMP threads in each of pytest, the servers and the TP workers it starts spin against
+# each other (measured 5-9x slower per decode step than one thread). Set before torch loads;
+# subprocesses inherit it. An OMP_NUM_THREADS set by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a GPU, Triton kernels run in the interpreter. Triton reads the switch when a kernel
 # is decorated, so it must be set before any test module imports tachyon's kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tachyon_testing import TINY_SPECS, write_tiny_model
+from tachyon_testing import TINY_SPECS, write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
