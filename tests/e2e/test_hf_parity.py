@@ -154,6 +154,7 @@ def test_chunked_prefill_and_prefix_hits_match_hf(name: str, tiny_models: dict[s
     check_against_hf(hf_models[name], prompts, results)
 
 
+@pytest.mark.slow  # transformers dequantizes the GGUF itself: ~30 s on the 2-core machine
 def test_gguf_default_model_matches_transformers_gguf(default_llm: Any, default_gguf: str,
                                                       smol_tokenizer: Any) -> None:
     """The embedded SmolLM2 Q4_1 GGUF: tachyon's dequantized weights (and undone Q/K

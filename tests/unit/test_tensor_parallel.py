@@ -300,6 +300,7 @@ def test_script_without_main_guard(models: dict[str, str], prompts: list[list[in
     assert json.loads(line.removeprefix("TOKENS ")) == want
 
 
+@pytest.mark.slow  # two spawned workers import torch afresh
 def test_spawned_workers_explain_an_unguarded_script(models: dict[str, str],
                                                      tmp_path: Path) -> None:
     """Where the workers must be spawned (CUDA already initialised: forced here), each one
@@ -370,6 +371,7 @@ def test_a_rank_that_dies_silently_is_named_with_its_stderr(
         LLM(models["llama"], tensor_parallel_size=2, **ENGINE_KW)
 
 
+@pytest.mark.slow  # torchrun and both ranks import torch afresh
 def test_torchrun_ranks(models: dict[str, str], prompts: list[list[int]],
                         tmp_path: Path) -> None:
     """The env:// mode: torchrun starts both ranks, rank 0 drives, rank 1 serves and exits."""
