@@ -67,7 +67,7 @@ class SamplingParams:
         # only a lot of work, like a large max_tokens.
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if not _is_finite(self.temperature) or self.temperature < 0:
+        if not _fits_float32(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a number in [0, {FLOAT32_MAX:.4g}] "
                              f"(0 = greedy), got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -81,7 +81,7 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_number(v) or not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
-        if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not _fits_float32(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be a number in (0, {FLOAT32_MAX:.4g}] "
                              f"(1 = off), got {self.repetition_penalty!r}")
         self._validate_lengths()
@@ -124,8 +124,9 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_finite(x: object) -> bool:
-    # A comparison, not math.isfinite: that raises OverflowError for ints beyond a float.
+def _fits_float32(x: object) -> bool:
+    # A finite float32, as the field reaches the device. A comparison, not math.isfinite:
+    # that raises OverflowError for ints beyond a float64.
     return _is_number(x) and abs(x) <= FLOAT32_MAX
 
 
