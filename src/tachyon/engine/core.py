@@ -19,10 +19,14 @@ from tachyon.engine.scheduler import Scheduler, SchedulerOutput
 from tachyon.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from tachyon.loader.update import NamedTensors, WeightUpdateReport
     from tachyon.worker.model_runner import ModelRunnerOutput, PendingOutput
+    from tachyon.worker.sleep import MemoryReport
 
 # Seeds are int64 on the device (torch.Generator.manual_seed); anything else kills a step.
 MAX_SEED = 2**63 - 1
+# 1: free the KV cache and the CUDA graphs; 2: the weights too (worker/sleep.py).
+SLEEP_LEVELS = (1, 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +54,14 @@ class EngineCore:
         self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
         self._penalty_requests: set[str] = set()
         self.stats = {"generation_tokens": 0, "steps": 0, "preemptions": 0}
+        self.sleep_level = 0  # 0: awake; else the level of the last sleep()
+        # After a level-2 sleep the weights are re-allocated unset (NaN) until pushed.
+        self.weights_unset = False
 
     # -- requests ------------------------------------------------------------------------
     def check_request(self, req: Request) -> None:
         """What the device would choke on, checked before the request can reach a step."""
+        self.check_ready()
         check_params(req.params, self.vocab_size)
         check_prompt_ids(req.prompt_token_ids, self.vocab_size, self.config.model.max_model_len)
         if req.params.n != 1:
@@ -120,6 +128,58 @@ class EngineCore:
     def reset_prefix_cache(self) -> None:
         """Forget every cached block not in use (e.g. between benchmark runs)."""
         self.kv.reset_prefix_cache()
+
+    # -- new weights, and the device lent to a trainer (RL) -------------------------------
+    def check_ready(self) -> None:
+        """Requests can run: the engine is awake and its weights are set."""
+        if self.sleep_level:
+            raise RuntimeError(f"the engine is asleep (sleep(level={self.sleep_level})); "
+                               f"call wake_up() before generating")
+        if self.weights_unset:
+            raise RuntimeError("the weights were discarded by sleep(level=2) and not all pushed "
+                               "since: call update_weights() with the full state dict first")
+
+    def update_weights(self, named_tensors: NamedTensors) -> WeightUpdateReport:
+        """Copy HF-named tensors into the loaded weights in place, then forget the prefix
+        cache (its K/V came from the old weights). Awake or asleep at level 1."""
+        from tachyon.loader.update import named_tensor_list  # torch: not at import
+
+        tensors = named_tensor_list(named_tensors)  # bad forms fail here, before any rank
+        self._check_idle("update_weights")
+        report = self.executor.update_weights(tensors, self.weights_unset)
+        self.kv.reset_prefix_cache()
+        self.weights_unset = report.params_unset > 0
+        return report
+
+    def sleep(self, level: int = 1) -> MemoryReport:
+        """Free the KV cache and the CUDA graphs (level 2: the weights too) until wake_up."""
+        if level not in SLEEP_LEVELS:
+            raise ValueError(f"sleep level must be one of {SLEEP_LEVELS}, got {level!r}")
+        if self.sleep_level:
+            raise RuntimeError(f"the engine is already asleep (level {self.sleep_level})")
+        self._check_idle("sleep")
+        report = self.executor.sleep(level)
+        self.kv.reset_prefix_cache()  # the cached K/V goes with the cache
+        self.sleep_level = level
+        return report
+
+    def wake_up(self) -> MemoryReport:
+        """Re-allocate what sleep freed, at the same size, and re-capture the CUDA graphs."""
+        if not self.sleep_level:
+            raise RuntimeError("the engine is awake; wake_up() follows a sleep()")
+        report = self.executor.wake_up()
+        self.weights_unset = self.sleep_level == 2
+        self.sleep_level = 0
+        return report
+
+    def _check_idle(self, what: str) -> None:
+        """Requests in flight would read freed or changing memory: refuse, don't wait (a
+        caller that waited inside ``step()`` would never return)."""
+        if self.has_unfinished_requests():
+            n = len(self.scheduler.running) + len(self.scheduler.waiting)
+            raise RuntimeError(f"{what}() needs an idle engine, and {n} requests are "
+                               f"unfinished: let them finish or abort them first")
+        self._drain()  # an asynchronous step still queued (of aborted requests) ends first
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tachyon.config import EngineArgs, EngineConfig
 from tachyon.engine.core import EngineCore, TokenEvent, check_params, check_prompt_ids
@@ -21,6 +21,10 @@ from tachyon.engine.detokenizer import IncrementalDetokenizer, finish_reason_of
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.outputs import CompletionOutput, RequestOutput
 from tachyon.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tachyon.loader.update import NamedTensors, WeightUpdateReport
+    from tachyon.worker.sleep import MemoryReport
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +109,7 @@ class LLMEngine:
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:
         """Validate then queue. On error nothing is queued and nothing already queued changes."""
+        self.core.check_ready()
         params = params or SamplingParams()
         self._check_params(params)
         text, ids = self.tokenize(prompt)
@@ -219,6 +224,16 @@ class LLMEngine:
     def reset_prefix_cache(self) -> None:
         """Forget every cached block not in use (e.g. between benchmark runs)."""
         self.core.reset_prefix_cache()
+
+    # -- new weights, and the device lent to a trainer (see EngineCore) -------------------
+    def update_weights(self, named_tensors: NamedTensors) -> WeightUpdateReport:
+        return self.core.update_weights(named_tensors)
+
+    def sleep(self, level: int = 1) -> MemoryReport:
+        return self.core.sleep(level)
+
+    def wake_up(self) -> MemoryReport:
+        return self.core.wake_up()
 
     # -- introspection -------------------------------------------------------------------
     def num_free_blocks(self) -> int:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine, Prompt
 from tachyon.outputs import RequestOutput
 from tachyon.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tachyon.loader.update import NamedTensors, WeightUpdateReport
+    from tachyon.worker.sleep import MemoryReport
 
 
 class LLM:
@@ -36,6 +40,35 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.engine.get_tokenizer()
+
+    # -- RL: weights that change under a running engine; memory lent to a trainer ---------
+    def update_weights(self, named_tensors: NamedTensors) -> WeightUpdateReport:
+        """Copy a training model's weights into the engine, in place.
+
+        ``named_tensors``: ``(HF name, tensor)`` pairs as ``model.named_parameters()`` or a
+        state dict give them (any subset; tensors of any float dtype and device). They are
+        packed and TP-sharded as when loading and copied into the existing parameters, so
+        captured CUDA graphs stay valid. An unknown name or a wrong shape raises
+        ``ValueError`` naming it, with nothing applied. The prefix cache is reset (its K/V
+        came from the old weights). Needs an idle engine; allowed at sleep level 1.
+        """
+        return self.engine.update_weights(named_tensors)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block not in use."""
+        self.engine.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> MemoryReport:
+        """Free device memory for a trainer until ``wake_up()``: level 1 the KV cache and the
+        CUDA graphs, level 2 the weights too (discarded: push them with ``update_weights``
+        after waking; generating before that raises). Needs an idle engine; generating while
+        asleep raises. Returns what was released (per rank)."""
+        return self.engine.sleep(level)
+
+    def wake_up(self) -> MemoryReport:
+        """Re-allocate the KV cache at its old size (and the weights after level 2) and
+        re-capture the CUDA graphs. Returns what was taken back and how long it took."""
+        return self.engine.wake_up()
 
     def generate(
         self,

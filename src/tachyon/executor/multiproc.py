@@ -61,7 +61,9 @@ from tachyon.distributed.parallel_state import (
 )
 from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.executor.stderr_relay import StderrRelay
+from tachyon.loader.update import NamedTensors, WeightUpdateReport, named_tensor_list
 from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
+from tachyon.worker.sleep import MemoryReport
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +98,14 @@ class TPWorker:
         self.startup_report = f"{self.runner.init_graphs()} tp={world_size}"
         self.graph_stats = {**self.runner.graph_stats, "tp": world_size}
 
-    def execute_async(self, payload: bytes) -> PendingOutput:
-        """Rank 0: ship the pickled step to the other ranks, then queue it here."""
+    def execute_async(self, payload: bytes) -> PendingOutput | CallReply:
+        """Rank 0: ship the pickled step (or ``RankCall``) to the other ranks, then queue it
+        here (a call runs at once)."""
         self.control.broadcast_bytes(payload)
-        return self.runner.execute_async(pickle.loads(payload))
+        msg = pickle.loads(payload)
+        if isinstance(msg, RankCall):
+            return msg.run(self.runner)
+        return self.runner.execute_async(msg)
 
     def serve(self) -> None:
         """Ranks > 0: run what rank 0 broadcasts until it broadcasts the stop. Each step is
@@ -107,6 +113,12 @@ class TPWorker:
         fills a step's inputs on the device from the previous step's samples)."""
         prev: PendingOutput | None = None
         while (out := pickle.loads(self.control.broadcast_bytes(None))) is not None:
+            if isinstance(out, RankCall):
+                if prev is not None:
+                    prev.result()
+                    prev = None
+                out.run(self.runner)  # rank 0 reports the outcome, the same on every rank
+                continue
             pending = self.runner.execute_async(out)
             if prev is not None:
                 prev.result()
@@ -153,8 +165,58 @@ class MultiprocExecutor:
         """Queue a step on every rank; ``result()`` waits for rank 0's sampled tokens."""
         return self._ranks.submit(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
 
+    def update_weights(self, named_tensors: NamedTensors,
+                       count_unset: bool = False) -> WeightUpdateReport:
+        """Every rank gets the full tensors (through host memory, pickled) and shards them
+        itself, as when loading."""
+        host = [(name, t.cpu()) for name, t in named_tensor_list(named_tensors)]
+        return self._call(RankCall("update_weights", (host, count_unset)))
+
+    def sleep(self, level: int) -> MemoryReport:
+        return self._call(RankCall("sleep", (level,)))
+
+    def wake_up(self) -> MemoryReport:
+        return self._call(RankCall("wake_up"))
+
+    def _call(self, call: RankCall) -> Any:
+        """Run a runner method on every rank, in order with the steps; rank 0's result."""
+        reply = self._ranks.submit(pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)).result()
+        if reply.error is not None:
+            raise ValueError(reply.error)
+        return reply.value
+
     def shutdown(self) -> None:
         self._ranks.close()
+
+
+@dataclass(frozen=True)
+class RankCall:
+    """A ``ModelRunner`` method every rank runs between steps (``update_weights``, ``sleep``,
+    ``wake_up``). It travels the steps' path, so it runs after the steps sent before it."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+
+    def run(self, runner: ModelRunner) -> CallReply:
+        try:
+            return CallReply(getattr(runner, self.method)(*self.args))
+        except ValueError as e:
+            # Bad input (an unknown weight name, a wrong shape): every rank sees the same
+            # input and rejects it alike, before changing anything, and the engine goes on.
+            # Any other exception ends the rank, which the driver reports.
+            return CallReply(None, str(e))
+
+
+@dataclass(frozen=True)
+class CallReply:
+    """A ``RankCall``'s outcome; finished when made (the twin of a step's pending output)."""
+
+    value: Any
+    error: str | None = None  # a ValueError's message, re-raised in the driver
+    event: None = None  # nothing on the device to wait for (rank 0's _drive asks)
+
+    def result(self) -> CallReply:
+        return self
 
 
 # -- torchrun ----------------------------------------------------------------------------------
@@ -169,7 +231,7 @@ class _LaunchedRank0:
         # At exit too: the other ranks must hear the stop, or they wait out their timeout.
         self._finalizer = weakref.finalize(self, worker.close)
 
-    def submit(self, payload: bytes) -> PendingOutput:
+    def submit(self, payload: bytes) -> PendingOutput | CallReply:
         return self.worker.execute_async(payload)
 
     def close(self) -> None:
@@ -205,9 +267,9 @@ class _SpawnedRanks:
     """N worker processes on this machine, and the pipes to them.
 
     Messages, worker to driver: ("ready", (num_blocks, report, graph stats)) once from each
-    rank; ("result", ModelRunnerOutput) from rank 0 per step, in step order; ("error",
-    _RemoteError) from a rank that fails, which then exits. Driver to rank 0: pickled steps,
-    ``_STOP`` at the end.
+    rank; ("result", ModelRunnerOutput) from rank 0 per step (a ``CallReply`` per
+    ``RankCall``), in step order; ("error", _RemoteError) from a rank that fails, which then
+    exits. Driver to rank 0: pickled steps and calls, ``_STOP`` at the end.
     """
 
     def __init__(self, config: EngineConfig, world: int) -> None:

@@ -10,7 +10,9 @@ import torch
 
 from tachyon.config import EngineConfig
 from tachyon.engine.scheduler import SchedulerOutput
+from tachyon.loader.update import NamedTensors, WeightUpdateReport
 from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
+from tachyon.worker.sleep import MemoryReport
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,16 @@ class UniProcExecutor:
 
     def execute_model_async(self, out: SchedulerOutput) -> PendingOutput:
         return self.runner.execute_async(out)
+
+    def update_weights(self, named_tensors: NamedTensors,
+                       count_unset: bool = False) -> WeightUpdateReport:
+        return self.runner.update_weights(named_tensors, count_unset)
+
+    def sleep(self, level: int) -> MemoryReport:
+        return self.runner.sleep(level)
+
+    def wake_up(self) -> MemoryReport:
+        return self.runner.wake_up()
 
     def shutdown(self) -> None:
         """Drop the model, KV cache and graphs so their device memory can be reused."""

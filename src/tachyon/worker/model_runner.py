@@ -7,9 +7,11 @@ size), compute logits for the requests that sample, sample, one copy back.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +25,19 @@ from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.layers.sampler import Sampler, SamplingMetadata
 from tachyon.loader.loader import load_model
+from tachyon.loader.update import NamedTensors, WeightUpdateReport, update_model_weights
 from tachyon.sampling_params import SamplingParams
 from tachyon.worker.input_buffers import InputBuffers, SamplingBuffers, StagingFence
+from tachyon.worker.sleep import (
+    MemoryReport,
+    count_unset_params,
+    device_free_bytes,
+    kv_cache_bytes,
+    release_weights,
+    restore_weights,
+    return_memory,
+    weights_released,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -530,3 +543,49 @@ class ModelRunner:
             "block_size": self.block_size,
         }
         return " ".join(f"{k}={v}" for k, v in self.graph_stats.items())
+
+    # -- RL: new weights, and the device lent to a trainer (loader/update.py, sleep.py) ----
+    # The engine core decides when these may run (idle, awake, ...); the runner only acts.
+    def update_weights(self, named_tensors: NamedTensors,
+                       count_unset: bool = False) -> WeightUpdateReport:
+        """Copy HF-named tensors into the weights in place (graphs stay valid). With
+        ``count_unset`` (after a level-2 sleep), also count parameters never pushed since."""
+        if weights_released(self.model):
+            raise ValueError("the weights were discarded by sleep(level=2): call wake_up() "
+                             "first, then update_weights()")
+        report = update_model_weights(self.model, named_tensors)
+        if count_unset:
+            report = dataclasses.replace(report, params_unset=count_unset_params(self.model))
+        return report
+
+    def sleep(self, level: int) -> MemoryReport:
+        """Free the CUDA graphs and the KV cache; at level 2 the weights too."""
+        start, free_before = time.perf_counter(), device_free_bytes(self.device)
+        if self.graph_runner is not None:
+            self._compiled_model = self.graph_runner.release()  # kept for the re-capture
+            self.graph_runner = None
+        kv_bytes = kv_cache_bytes(self.kv_caches)
+        self.kv_caches = []
+        weight_bytes = release_weights(self.model) if level == 2 else 0
+        return_memory(self.device)
+        free_after = device_free_bytes(self.device)
+        return MemoryReport(kv_bytes, weight_bytes, _delta(free_after, free_before),
+                            time.perf_counter() - start)
+
+    def wake_up(self) -> MemoryReport:
+        """Re-allocate what sleep freed (the KV cache at its old size; discarded weights as
+        NaN until pushed) and capture the graphs again, on the new addresses."""
+        start, free_before = time.perf_counter(), device_free_bytes(self.device)
+        weight_bytes = restore_weights(self.model) if weights_released(self.model) else 0
+        self.allocate_kv_cache(self.num_blocks)
+        capture_start = time.perf_counter()
+        self.init_graphs()
+        capture_s = time.perf_counter() - capture_start
+        free_after = device_free_bytes(self.device)
+        return MemoryReport(kv_cache_bytes(self.kv_caches), weight_bytes,
+                            _delta(free_before, free_after), time.perf_counter() - start,
+                            capture_s)
+
+
+def _delta(larger: int | None, smaller: int | None) -> int | None:
+    return None if larger is None or smaller is None else larger - smaller
