@@ -68,7 +68,7 @@ def _chosen_parser(parser: argparse.ArgumentParser,
     return parser
 
 
-class _Toggle(argparse.Action):
+class Toggle(argparse.Action):
     """``--x`` sets True, ``--no-x`` sets False (argparse's BooleanOptionalAction adds its
     own "(default: ...)" on some Python versions; ours is added once, for every flag)."""
 
@@ -108,7 +108,7 @@ def _add_field(group: Any, f: dataclasses.Field, hint: Any, default: Any,
     scalar = _scalar_type(hint)
     if scalar is bool:
         names.insert(1, flag_name("no_" + f.name))
-        group.add_argument(*names, action=_Toggle, **kwargs)
+        group.add_argument(*names, action=Toggle, **kwargs)
         return
     if "choices" in meta:
         kwargs["choices"] = meta["choices"]

@@ -6,6 +6,7 @@ prompt, Ctrl-D or ``/exit`` quits with status 0.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import signal
 import sys
@@ -64,28 +65,33 @@ def stream_reply(engine: Any, request_id: str, prompt: str | list[int],
     was written, with finish reason "abort"; the engine can serve the next request.
     """
     engine.add_request(request_id, prompt, params)
+    has_text = engine.get_tokenizer() is not None  # token-id prompts run without one
     stop = threading.Event()
     text, tokens, reason = "", 0, None
-    try:
-        with _sigint_sets(stop):
-            while reason is None and not stop.is_set() and engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.request_id != request_id:
-                        continue
-                    done = out.outputs[0]
-                    # A finished request is gone from the engine: its full text is final.
-                    delta = done.text[len(text):] if out.finished else \
-                        engine.take_text_delta(request_id, 0, False)
-                    tokens, reason = len(done.token_ids), done.finish_reason
-                    if delta:
-                        text += delta
-                        write(delta)
-    except KeyboardInterrupt:
-        stop.set()
+    # A KeyboardInterrupt is Ctrl-C where no handler could be installed: also a stop.
+    with contextlib.suppress(KeyboardInterrupt), _sigint_sets(stop):
+        while reason is None and not stop.is_set() and engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id != request_id:
+                    continue
+                done = out.outputs[0]
+                delta = _new_text(engine, out, text) if has_text else ""
+                tokens, reason = len(done.token_ids), done.finish_reason
+                if delta:
+                    text += delta
+                    write(delta)
     if reason is None:
         engine.abort_request(request_id)
         reason = "abort"
     return Reply(text, reason, tokens)
+
+
+def _new_text(engine: Any, out: Any, written: str) -> str:
+    """Text of ``out`` not written yet. While running, the engine holds back what may begin a
+    stop string; a finished request is gone from the engine and its whole text is final."""
+    if out.finished:
+        return out.outputs[0].text[len(written):]
+    return engine.take_text_delta(out.request_id, 0, False)
 
 
 def run_chat(args: EngineArgs, params: SamplingParams, system: str | None) -> int:

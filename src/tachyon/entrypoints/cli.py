@@ -16,6 +16,7 @@ import sys
 from tachyon.entrypoints.args import (
     EXIT_USAGE,
     Parser,
+    Toggle,
     add_engine_args,
     add_sampling_args,
     engine_args_from,
@@ -53,11 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                          usage="%(prog)s [options] [PROMPT]",
                          description="Complete one prompt; the text streams to stdout.")
     gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: stdin)")
-    gen.add_argument("--chat-template", dest="chat_template", action="store_true", default=None,
-                     help="wrap the prompt as a user message in the model's chat template "
-                          "(default: on when the tokenizer has one)")
-    gen.add_argument("--no-chat-template", dest="chat_template", action="store_false",
-                     help="send the prompt as raw text")
+    gen.add_argument("--chat-template", "--no-chat-template", action=Toggle, default=None,
+                     help="wrap the prompt as a user message in the model's chat template, or "
+                          "send it as raw text (default: on when the tokenizer has one)")
     add_engine_args(gen, defaults=ONE_REQUEST)
     add_sampling_args(gen)
 
