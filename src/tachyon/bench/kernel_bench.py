@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 
 import torch
 import triton
@@ -24,6 +25,7 @@ from tachyon.attention.kernels.triton_attention import (
     decode_workspace,
     unified_attention,
 )
+from tachyon.bench.common import BenchError, run_bench
 
 # Copy size for the bandwidth ceiling: far larger than L2 (50 MB on H100) so it measures HBM.
 COPY_BYTES = 2 << 30
@@ -268,12 +270,18 @@ def _sweep_prefill() -> list[str]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tuning choices")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return run_bench("tachyon kernel_bench", lambda: _run(args.sweep))
+
+
+def _run(sweep: bool) -> None:
+    if not torch.cuda.is_available():
+        raise BenchError("the kernel benchmark measures GPU bandwidth: it needs a CUDA GPU")
     copy_gbps = copy_bandwidth_gbps(torch.device("cuda"))
-    if args.sweep:
+    if sweep:
         print("\n".join(_sweep_prefill()))
         print("\n".join(_sweep_decode(copy_gbps)))
     reports = [
@@ -285,4 +293,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,6 +22,9 @@ class UniProcExecutor:
         device = torch.device(config.device)
         if device.type == "cuda":
             torch.cuda.set_device(0)
+        # As on every TP rank: requests without a seed of their own sample reproducibly
+        # from the engine's --seed.
+        torch.manual_seed(config.model.seed)
         self.runner = ModelRunner(config, device)
         self.num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(self.num_blocks)
