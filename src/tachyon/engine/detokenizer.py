@@ -34,6 +34,11 @@ class IncrementalDetokenizer:
         self.emitted = 0
 
     def _decode(self, ids: list[int]) -> str:
+        # A fast tokenizer's Rust backend is what ``decode`` calls without clean-up; calling
+        # it directly saves the Python wrapper twice per token (the server's hot path).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.decode(ids, skip_special_tokens=self.skip_special)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special,
                                      clean_up_tokenization_spaces=False)
 

@@ -48,7 +48,7 @@ DEAD_CORE_EXIT_SECONDS = 2.0
 EXIT_CORE_DIED = 1
 
 T = TypeVar("T")
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | AsyncIterator[str]]]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | AsyncIterator[bytes]]]
 
 
 class ClientGone(Exception):
@@ -80,7 +80,7 @@ class SSEResponse(StreamingResponse):
     """Server-sent events that stop, and close their generator (aborting the request), the
     moment the client disconnects."""
 
-    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
         self.events = events

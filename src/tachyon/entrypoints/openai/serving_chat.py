@@ -59,7 +59,7 @@ class ChatFormatter:
 
 
 class OpenAIServingChat(OpenAIServing):
-    async def create(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
+    async def create(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[bytes]:
         req = parse_chat(body)
         self.check_model(req.model)
         self.check_text_size("".join(_texts(req.messages)), "messages")

@@ -69,7 +69,7 @@ class CompletionFormatter:
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    async def create(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
+    async def create(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[bytes]:
         req = parse_completion(body)
         self.check_model(req.model)
         for p in req.prompts:  # every size check before any tokenizing

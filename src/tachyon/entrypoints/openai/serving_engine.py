@@ -10,12 +10,13 @@ optional usage event, then ``data: [DONE]``.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec
 
 from tachyon.engine.async_llm import (
     AsyncLLM,
@@ -27,7 +28,7 @@ from tachyon.engine.async_llm import (
 from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, model_not_found
 from tachyon.sampling_params import SamplingParams
 
-SSE_DONE = "data: [DONE]\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
 # JSON has no -inf: a token masked out (top-k, min-p) reports this instead, as in vLLM.
 MIN_LOGPROB = -9999.0
 # A cheap bound checked before tokenizing, so a huge text never reaches the tokenizer: a
@@ -36,8 +37,13 @@ MIN_LOGPROB = -9999.0
 MAX_CHARS_PER_TOKEN = 32
 
 
-def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+_json = msgspec.json.Encoder()
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event; msgspec's encoder is several times faster than ``json`` and
+    writes the same compact UTF-8 JSON (logprobs are made finite before they get here)."""
+    return b"data: " + _json.encode(obj) + b"\n\n"
 
 
 @dataclass
@@ -177,7 +183,7 @@ class OpenAIServing:
                 code="context_length_exceeded")
         return requested
 
-    async def run(self, job: Job, fmt: Formatter) -> dict[str, Any] | AsyncIterator[str]:
+    async def run(self, job: Job, fmt: Formatter) -> dict[str, Any] | AsyncIterator[bytes]:
         try:
             stream = self.llm.add_request(job.request_id, job.prompts, job.params)
         except EngineDeadError as e:
@@ -204,7 +210,7 @@ class OpenAIServing:
                 "usage": job.usage(choices)}
 
     async def _events(self, job: Job, fmt: Formatter, stream: RequestStream
-                      ) -> AsyncIterator[str]:
+                      ) -> AsyncIterator[bytes]:
         choices = job.new_choices()
         head = {"id": job.request_id, "object": fmt.chunk_object, "created": job.created,
                 "model": job.model}
