@@ -11,7 +11,6 @@ the copy went into the captured parameters).
 
 from __future__ import annotations
 
-import gc
 import random
 import re
 import weakref
@@ -174,7 +173,8 @@ def test_sleep_then_wake_gives_the_same_output(level: int, tiny_models: dict[str
     weight_bytes = sum(p.numel() * 4 for p in runner.model.parameters())
 
     slept = llm.sleep(level)
-    gc.collect()
+    # Freed at once, by reference counting: sleep runs no collection (slow) before returning
+    # the memory to the device.
     assert cache() is None, "something (a captured graph?) still holds the KV cache"
     assert slept.kv_cache_bytes == kv_bytes
     assert slept.weight_bytes == (weight_bytes if level == 2 else 0)
@@ -193,8 +193,9 @@ def test_sleep_then_wake_gives_the_same_output(level: int, tiny_models: dict[str
         with pytest.raises(RuntimeError, match="update_weights"):
             llm.generate(prompts, use_tqdm=False)
         hf = _hf_model(path)
-        names = [n for n, _ in hf.named_parameters()]
-        llm.update_weights([(n, t) for n, t in hf.named_parameters() if n != names[3]])
+        # All but k: q and v fill their rows of the packed qkv matrix, k's rows stay unset.
+        k = "model.layers.1.self_attn.k_proj.weight"
+        llm.update_weights([(n, t) for n, t in hf.named_parameters() if n != k])
         with pytest.raises(RuntimeError, match="not all pushed"):
             llm.generate(prompts, use_tqdm=False)
         llm.update_weights(hf.named_parameters())

@@ -17,7 +17,6 @@ found by ``count_unset_params``, and the engine refuses to generate while one is
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +78,10 @@ def device_free_bytes(device: torch.device) -> int | None:
 
 
 def return_memory(device: torch.device) -> None:
-    """Hand freed memory back: to the Python heap, and from the CUDA allocator's cache to the
-    driver, where a trainer's allocator can take it."""
-    gc.collect()
+    """Hand the freed device memory from the CUDA allocator's cache to the driver, where a
+    trainer's allocator (or another process) can take it. The tensors themselves are freed
+    by reference counting as sleep drops them (no ``gc.collect()``: it takes 0.1-0.4 s with
+    torch and transformers loaded, per RL step)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
