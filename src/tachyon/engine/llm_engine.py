@@ -19,6 +19,7 @@ from tachyon.config import EngineArgs, EngineConfig
 from tachyon.engine.core import EngineCore, TokenEvent, check_params, check_prompt_ids
 from tachyon.engine.detokenizer import IncrementalDetokenizer, finish_reason_of
 from tachyon.engine.request import Request, RequestStatus
+from tachyon.loader.tokenizer import load_tokenizer
 from tachyon.outputs import CompletionOutput, RequestOutput
 from tachyon.sampling_params import SamplingParams
 
@@ -250,31 +251,6 @@ def child_params(params: SamplingParams, i: int) -> SamplingParams:
     if params.seed is not None:
         sp.seed = params.seed + i
     return sp
-
-
-def load_tokenizer(path: str) -> Any:
-    """An HF tokenizer from a directory, or from a GGUF file (cached in HF form)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        if path.endswith(".gguf"):
-            import os
-
-            from tachyon.loader.weights import cached_from_gguf
-
-            return cached_from_gguf(
-                path, "tokenizer",
-                lambda: AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                      gguf_file=os.path.basename(path)),
-                AutoTokenizer.from_pretrained)
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def eos_token_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
