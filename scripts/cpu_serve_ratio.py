@@ -7,7 +7,7 @@
 3. Optionally (``--profile PATH``) a second served run with the API process under cProfile,
    summarised per engine step.
 
-    python scripts/cpu_serve_ratio.py --batch 32 --input-len 128 --output-len 64
+    python scripts/cpu_serve_ratio.py --batch 32 --input-len 64 --output-len 32 --repeats 3
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 ENGINE_FLAGS = ["--device", "cpu", "--kv-cache-memory", "1GiB"]
 
@@ -75,6 +76,7 @@ def served_tpot_ms(ns: argparse.Namespace, profile: str | None) -> dict:
                 break
             except OSError:
                 time.sleep(1)
+        before = _cpu_seconds(server.pid), _steps(port)
         out = os.path.join(tempfile.mkdtemp(), "r.json")
         subprocess.run([sys.executable, "-m", "tachyon.entrypoints.cli", "bench", "serve",
                         "--port", str(port), "--dataset-name", "random",
@@ -84,13 +86,30 @@ def served_tpot_ms(ns: argparse.Namespace, profile: str | None) -> dict:
                         "--max-concurrency", str(ns.batch), "--ignore-eos",
                         "--save-result", "--result-dir", os.path.dirname(out),
                         "--result-filename", "r.json"], check=True)
+        cpu, steps = _cpu_seconds(server.pid) - before[0], _steps(port) - before[1]
         with open(out) as f:
-            return json.load(f)
+            result = json.load(f)
+        result["api_cpu_ms_per_step"] = 1000 * cpu / steps
+        result["steps"] = steps
+        return result
     finally:
         # SIGINT: the CLI returns normally, so cProfile writes its file (uvicorn re-raises
         # SIGTERM with the default handler, which would kill it first).
         server.send_signal(signal.SIGINT)
         server.wait(60)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (the API process: the core is a child)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _steps(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    line = next(x for x in text.decode().splitlines()
+                if x.startswith("tachyon:engine_steps_total "))
+    return float(line.split()[1])
 
 
 def summarize_profile(path: str) -> tuple[int, list[tuple[str, float]]]:
@@ -116,26 +135,37 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--waves", type=int, default=3)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--waves", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="offline and served runs alternate this many times; on a shared "
+                        "machine the fastest of each is the least disturbed")
     p.add_argument("--profile", default=None, help="also profile the API process here")
     p.add_argument("--profile-only", action="store_true")
     ns = p.parse_args()
     if not ns.profile_only:
-        step = offline_step_ms(ns)
-        served = served_tpot_ms(ns, None)
-        print(f"offline decode step at B={ns.batch}: mean {step[0]:.2f} ms, median "
-              f"{step[1]:.2f} ms")
-        print(f"served TPOT mean {served['mean_tpot_ms']:.2f} ms, median "
-              f"{served['median_tpot_ms']:.2f} ms, p99 {served['p99_tpot_ms']:.2f} ms")
-        print(f"ratio: mean TPOT / mean step {served['mean_tpot_ms'] / step[0]:.3f}, "
-              f"median / median {served['median_tpot_ms'] / step[1]:.3f}")
+        steps, tpots, api = [], [], []
+        for r in range(ns.repeats):
+            step = offline_step_ms(ns)
+            served = served_tpot_ms(ns, None)
+            steps.append(step[1])
+            tpots.append(served["median_tpot_ms"])
+            api.append(served["api_cpu_ms_per_step"])
+            print(f"run {r}: offline median step {step[1]:.1f} ms (mean {step[0]:.1f}); served "
+                  f"TPOT median {served['median_tpot_ms']:.1f} ms (mean "
+                  f"{served['mean_tpot_ms']:.1f}, p99 {served['p99_tpot_ms']:.1f}); API "
+                  f"process CPU {served['api_cpu_ms_per_step']:.2f} ms per step", flush=True)
+        ratios = [t / s for t, s in zip(tpots, steps, strict=True)]
+        print(f"B={ns.batch}: fastest offline step {min(steps):.1f} ms, fastest served TPOT "
+              f"{min(tpots):.1f} ms, ratio {min(tpots) / min(steps):.3f}; median of per-run "
+              f"ratios {statistics.median(ratios):.3f}; API CPU per step "
+              f"{min(api):.2f}-{max(api):.2f} ms")
     if ns.profile:
         profiled = served_tpot_ms(ns, ns.profile)
-        steps, rows = summarize_profile(ns.profile)
+        steps_seen, rows = summarize_profile(ns.profile)
         print(f"profiled run: TPOT mean {profiled['mean_tpot_ms']:.2f} ms; API process, "
-              f"per step message ({steps} messages):")
+              f"per step message ({steps_seen} messages):")
         for name, us in rows:
             print(f"  {us:9.0f} us  {name}")
     return 0

@@ -52,6 +52,7 @@ class _EngineCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
              s.prefix_cache_hits),
             ("num_preemptions", "Requests preempted for lack of KV blocks.", s.num_preemptions),
+            ("engine_steps", "Steps the engine core ran.", s.num_steps),
         ):
             yield CounterMetricFamily(f"tachyon:{name}", doc, value=value)
 

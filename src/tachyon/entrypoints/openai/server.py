@@ -19,7 +19,7 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -33,6 +33,7 @@ from tachyon.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from tachyon.entrypoints.openai.protocol import OpenAIError, parse_json_body
 from tachyon.entrypoints.openai.serving_chat import OpenAIServingChat
 from tachyon.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tachyon.entrypoints.openai.serving_engine import EventStream
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ DEAD_CORE_EXIT_SECONDS = 2.0
 EXIT_CORE_DIED = 1
 
 T = TypeVar("T")
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | AsyncIterator[bytes]]]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | EventStream]]
 
 
 class ClientGone(Exception):
@@ -80,7 +81,7 @@ class SSEResponse(StreamingResponse):
     """Server-sent events that stop, and close their generator (aborting the request), the
     moment the client disconnects."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+    def __init__(self, events: EventStream) -> None:
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
         self.events = events
@@ -138,7 +139,7 @@ async def _serve(request: Request, handler: Handler, max_bytes: int) -> Response
                                           type_="server_error"))
     if isinstance(result, dict):
         return JSONResponse(result)
-    assert isinstance(result, AsyncGenerator)
+    assert isinstance(result, EventStream)
     return SSEResponse(result)
 
 

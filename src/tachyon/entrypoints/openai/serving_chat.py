@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from tachyon.engine.async_llm import ChoiceDelta
@@ -10,6 +9,7 @@ from tachyon.entrypoints.llm import apply_chat_template
 from tachyon.entrypoints.openai.protocol import OpenAIError, parse_chat, sampling_params
 from tachyon.entrypoints.openai.serving_engine import (
     Choice,
+    EventStream,
     Job,
     OpenAIServing,
     finite,
@@ -59,7 +59,7 @@ class ChatFormatter:
 
 
 class OpenAIServingChat(OpenAIServing):
-    async def create(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[bytes]:
+    async def create(self, body: dict[str, Any]) -> dict[str, Any] | EventStream:
         req = parse_chat(body)
         self.check_model(req.model)
         self.check_text_size("".join(_texts(req.messages)), "messages")

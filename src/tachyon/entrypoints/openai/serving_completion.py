@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from tachyon.engine.async_llm import ChoiceDelta
@@ -15,6 +14,7 @@ from tachyon.entrypoints.openai.protocol import (
 )
 from tachyon.entrypoints.openai.serving_engine import (
     Choice,
+    EventStream,
     Job,
     OpenAIServing,
     finite,
@@ -69,7 +69,7 @@ class CompletionFormatter:
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    async def create(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[bytes]:
+    async def create(self, body: dict[str, Any]) -> dict[str, Any] | EventStream:
         req = parse_completion(body)
         self.check_model(req.model)
         for p in req.prompts:  # every size check before any tokenizing

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,6 +123,23 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+class EventStream:
+    """The SSE events of one streamed request. ``aclose()`` aborts the request even when the
+    events were never iterated (a client gone before its first chunk), which closing a
+    generator that never started would not do."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], stream: RequestStream) -> None:
+        self.events = events
+        self.stream = stream
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self.events
+
+    async def aclose(self) -> None:
+        await self.events.aclose()
+        self.stream.close()
+
+
 class OpenAIServing:
     def __init__(self, llm: AsyncLLM, model_name: str, max_n: int) -> None:
         self.llm = llm
@@ -183,7 +200,7 @@ class OpenAIServing:
                 code="context_length_exceeded")
         return requested
 
-    async def run(self, job: Job, fmt: Formatter) -> dict[str, Any] | AsyncIterator[bytes]:
+    async def run(self, job: Job, fmt: Formatter) -> dict[str, Any] | EventStream:
         try:
             stream = self.llm.add_request(job.request_id, job.prompts, job.params)
         except EngineDeadError as e:
@@ -191,7 +208,7 @@ class OpenAIServing:
         except ValueError as e:  # a prompt or a value the engine would refuse
             raise OpenAIError(str(e), _param_of(str(e))) from None
         if job.stream.stream:
-            return self._events(job, fmt, stream)
+            return EventStream(self._events(job, fmt, stream), stream)
         async with stream:  # a cancelled waiter (client gone) aborts the request
             return await self._collect(job, fmt, stream)
 
@@ -210,7 +227,7 @@ class OpenAIServing:
                 "usage": job.usage(choices)}
 
     async def _events(self, job: Job, fmt: Formatter, stream: RequestStream
-                      ) -> AsyncIterator[bytes]:
+                      ) -> AsyncGenerator[bytes, None]:
         choices = job.new_choices()
         head = {"id": job.request_id, "object": fmt.chunk_object, "created": job.created,
                 "model": job.model}
