@@ -37,12 +37,22 @@ for _ in $(seq 1 300); do
 done
 if [[ $up != 1 ]]; then echo "tachyon serve did not come up"; tail -20 "$OUT/server.log"; exit 1; fi
 
+api_cpu() {  # CPU seconds of the API process, and engine steps so far
+  awk '{print ($14 + $15) / 100}' /proc/$SERVER/stat
+  curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^tachyon:engine_steps_total /{print $2}'
+}
 bench() {  # $1 = label, $2 = request rate, $3 = number of prompts
+  local before; before=($(api_cpu))
   python3 -m tachyon.entrypoints.cli bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
       --endpoint /v1/completions --model "$M" --tokenizer "$M" --dataset-name random \
       --random-input-len 512 --random-output-len 256 --num-prompts "$3" --request-rate "$2" \
       --ignore-eos --seed 0 --save-result --result-dir "$OUT" --result-filename "tachyon_$1.json" \
       2>&1 | tail -22
+  local after; after=($(api_cpu))
+  # Is the API process the bound? Its CPU per engine step against the step time (TPOT).
+  awk -v c="${after[0]}" -v c0="${before[0]}" -v s="${after[1]}" -v s0="${before[1]}" -v l="$1" \
+      'BEGIN {printf "%s: API process CPU %.2f ms per engine step (%d steps)\n", l, 1000 * (c - c0) / (s - s0), s - s0}' \
+      | tee -a "$OUT/api_cpu.txt"
 }
 status=0
 bench rate64 64 256 || status=1
