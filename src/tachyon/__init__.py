@@ -11,16 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tachyon.entrypoints.llm import LLM
+    from tachyon.lora.request import LoRARequest
     from tachyon.outputs import CompletionOutput, RequestOutput
     from tachyon.sampling_params import SamplingParams
 
 _EXPORTS = {
     "LLM": "tachyon.entrypoints.llm",
+    "LoRARequest": "tachyon.lora.request",
     "CompletionOutput": "tachyon.outputs",
     "RequestOutput": "tachyon.outputs",
     "SamplingParams": "tachyon.sampling_params",
 }
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "LoRARequest", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
 

@@ -67,6 +67,17 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (tachyon.lora): ``max_loras`` GPU slots of rank ``max_lora_rank`` each,
+    allocated once (graphs never re-capture for an adapter change); ``max_cpu_loras``
+    adapters kept loaded in host memory, least recently used ones dropped beyond that."""
+
+    max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -113,6 +124,7 @@ class EngineConfig:
     compilation: CompilationConfig
     device: str  # "cuda" | "cpu"
     attention_backend: str | None  # None: default for the device
+    lora: LoRAConfig | None = None  # None: LoRA off (--enable-lora)
 
 
 _COMPILATION_KEYS = {
@@ -199,6 +211,17 @@ class EngineArgs:
         "cache_dir; e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'",
         aliases=("-O",), default_help="{}", metavar="JSON"))
 
+    enable_lora: bool = field(default=False, metadata=_cli(
+        "serve LoRA adapters (PEFT directories) per request"))
+    max_lora_rank: int = field(default=16, metadata=_cli(
+        "largest adapter rank that can be loaded (GPU slots are sized for it)"))
+    max_loras: int = field(default=1, metadata=_cli(
+        "adapters resident on the device at once: at most this many distinct adapters run "
+        "in one step"))
+    max_cpu_loras: int | None = field(default=None, metadata=_cli(
+        "adapters kept loaded in host memory (least recently used dropped beyond it)",
+        default_help="--max-loras"))
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -283,9 +306,19 @@ class EngineArgs:
             ),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_backend),
             compilation=self._compilation_config(),
+            lora=self._lora_config(),
             device=device,
             attention_backend=self.attention_backend or os.environ.get(ENV_ATTENTION_BACKEND),
         )
+
+    def _lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        _check_int("max_lora_rank", self.max_lora_rank, 1)
+        _check_int("max_loras", self.max_loras, 1)
+        cpu = self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+        _check_int("max_cpu_loras", cpu, self.max_loras)
+        return LoRAConfig(self.max_lora_rank, self.max_loras, cpu)
 
     def _resolve_device(self, torch: Any) -> str:
         if self.device == "auto":

@@ -16,6 +16,7 @@ from tachyon.config import EngineConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.engine.scheduler import Scheduler, SchedulerOutput
+from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -47,7 +48,10 @@ class EngineCore:
         _check_kv_capacity(config, self.executor.num_blocks)
         self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len,
+                                   config.lora.max_loras if config.lora is not None else 0)
+        # LoRA adapters the engine knows, by id (their weights live on the workers).
+        self.loras: dict[int, LoRARequest] = {}
         self.vocab_size = int(config.model.hf_config.vocab_size)
         self.async_scheduling = config.scheduler.async_scheduling and hasattr(
             self.executor, "execute_model_async")
@@ -66,6 +70,7 @@ class EngineCore:
         check_prompt_ids(req.prompt_token_ids, self.vocab_size, self.config.model.max_model_len)
         if req.params.n != 1:
             raise ValueError("the engine core runs one sample per request (n = 1)")
+        self.ensure_lora(req.lora_request)
 
     def add_request(self, req: Request) -> None:
         self.scheduler.add_request(req)
@@ -171,6 +176,50 @@ class EngineCore:
         self.weights_unset = self.sleep_level == 2
         self.sleep_level = 0
         return report
+
+    # -- LoRA adapters ------------------------------------------------------------------
+    def ensure_lora(self, lora_request: LoRARequest | None) -> None:
+        """Make a request's adapter known, loading it on first use (or when its id comes
+        back with another path). ``ValueError`` for a bad adapter or LoRA off."""
+        if lora_request is None:
+            return
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a tachyon.LoRARequest, got "
+                             f"{type(lora_request).__name__}")
+        known = self.loras.get(lora_request.lora_int_id)
+        if known is None or known.lora_path != lora_request.lora_path:
+            self.add_lora(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest,
+                 tensors: dict[str, Any] | None = None) -> None:
+        """Load an adapter on every worker (``tensors``: PEFT-named weights to use instead of
+        the directory's file). The same id again replaces its weights in place, in its GPU
+        slot too: requests running with it see the new weights from the next step on, and
+        the prefix cache is reset (its K/V came from the old ones)."""
+        if self.config.lora is None:
+            raise ValueError("LoRA is off: start the engine with enable_lora=True "
+                             "(--enable-lora)")
+        replacing = lora_request.lora_int_id in self.loras
+        self.executor.add_lora(lora_request, tensors)
+        self.loras[lora_request.lora_int_id] = lora_request
+        if replacing:
+            self.kv.reset_prefix_cache()
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter (False if unknown); refused while a request uses it."""
+        if lora_int_id not in self.loras:
+            return False
+        users = [r.request_id for r in self.scheduler.requests.values()
+                 if r.lora_int_id == lora_int_id]
+        if users:
+            raise ValueError(f"LoRA adapter {self.loras[lora_int_id].lora_name!r} is in use "
+                             f"by {len(users)} unfinished requests")
+        self.executor.remove_lora(lora_int_id)
+        del self.loras[lora_int_id]
+        return True
+
+    def list_loras(self) -> list[LoRARequest]:
+        return list(self.loras.values())
 
     def _check_idle(self, what: str) -> None:
         """Requests in flight would read freed or changing memory: refuse, don't wait (a

@@ -124,7 +124,9 @@ class KVCacheManager:
         bs, hashes = self.block_size, req.block_hashes
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else ROOT_HASH
+            # K/V depends on the LoRA adapter too: each adapter roots a chain of its own.
+            root = hash((ROOT_HASH, req.lora_int_id)) if req.lora_int_id else ROOT_HASH
+            parent = hashes[-1] if hashes else root
             hashes.append(hash((parent, tuple(req.all_token_ids[i * bs:(i + 1) * bs]))))
         return hashes[:num_blocks]
 

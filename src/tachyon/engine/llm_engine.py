@@ -20,6 +20,7 @@ from tachyon.engine.core import EngineCore, TokenEvent, check_params, check_prom
 from tachyon.engine.detokenizer import IncrementalDetokenizer, finish_reason_of
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.loader.tokenizer import load_tokenizer
+from tachyon.lora.request import LoRARequest
 from tachyon.outputs import CompletionOutput, RequestOutput
 from tachyon.sampling_params import SamplingParams
 
@@ -108,13 +109,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str | None, prompt: Prompt,
                     params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Validate then queue. On error nothing is queued and nothing already queued changes."""
+                    arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> str:
+        """Validate then queue. On error nothing is queued and nothing already queued changes
+        (a new adapter may have been loaded: see ``EngineCore.ensure_lora``)."""
         self.core.check_ready()
         params = params or SamplingParams()
         self._check_params(params)
         text, ids = self.tokenize(prompt)
         self._check_prompt(ids)
+        self.core.ensure_lora(lora_request)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._parents:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -124,7 +128,8 @@ class LLMEngine:
             sp = params
             if params.n > 1:
                 sp = child_params(params, i)
-            req = Request(rid if params.n == 1 else f"{rid}#{i}", ids, sp, self.eos_token_ids, now)
+            req = Request(rid if params.n == 1 else f"{rid}#{i}", ids, sp, self.eos_token_ids, now,
+                          lora_request)
             detok = (IncrementalDetokenizer(self.tokenizer, ids, sp)
                      if self.tokenizer is not None else None)
             seq = _Sequence(i, req, detok, CompletionOutput(i, "", []))
@@ -232,6 +237,19 @@ class LLMEngine:
 
     def sleep(self, level: int = 1) -> MemoryReport:
         return self.core.sleep(level)
+
+    # -- LoRA adapters (see EngineCore) -----------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        self.core.add_lora(lora_request)
+
+    def update_lora(self, lora_request: LoRARequest, tensors: dict[str, Any]) -> None:
+        self.core.add_lora(lora_request, tensors)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.core.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.core.list_loras()
 
     def wake_up(self) -> MemoryReport:
         return self.core.wake_up()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 
 
@@ -30,7 +31,8 @@ class Request:
     have their K/V in this request's blocks."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int], arrival_time: float | None = None) -> None:
+                 eos_token_ids: frozenset[int], arrival_time: float | None = None,
+                 lora_request: LoRARequest | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -47,6 +49,11 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_hashes: list[int] = []  # hash chain over full blocks, grown lazily
+        self.lora_request = lora_request  # the adapter it runs with (tachyon.lora), or None
+
+    @property
+    def lora_int_id(self) -> int:
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_prompt_tokens(self) -> int:

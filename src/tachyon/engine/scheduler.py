@@ -44,6 +44,7 @@ class ScheduledRequest:
     # With the first schedule only: EOS and stop token ids the sampler must not draw while
     # the request has fewer than ``params.min_tokens`` outputs.
     min_tokens_stop_ids: tuple[int, ...] = ()
+    lora_int_id: int = 0  # with the first schedule only: the request's adapter (0: none)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 max_loras: int = 0) -> None:
         self.config = config
+        # LoRA: distinct adapters among running requests stay within the GPU slots, so every
+        # step's adapters are resident at once (0: LoRA off).
+        self.max_loras = max_loras
         self.kv = kv
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -143,11 +148,18 @@ class Scheduler:
                 continue
             break
         # Admit waiting requests unless this step had to preempt (the pool is tight).
+        loras = {r.lora_int_id for r in self.running if r.lora_int_id} if self.max_loras \
+            else set()
+        lora_skipped: list[Request] = []  # wait for a slot; later requests may go first
         while (self.waiting and budget > 0 and not preempted_any
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             if req.num_pending:  # preempted while its last token is still being sampled
                 break
+            if req.lora_int_id and req.lora_int_id not in loras \
+                    and len(loras) >= self.max_loras:
+                lora_skipped.append(self.waiting.popleft())
+                continue
             hits = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_cached = len(hits) * self.kv.block_size
             n = req.num_tokens - req.num_computed_tokens - num_cached
@@ -163,8 +175,11 @@ class Scheduler:
             req.num_computed_tokens += num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if req.lora_int_id:
+                loras.add(req.lora_int_id)
             out.append(self._scheduled(req, n))
             budget -= n
+        self.waiting.extendleft(reversed(lora_skipped))
         finished, self._finished_ids = self._finished_ids, []
         total = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(out, total, finished)
@@ -193,6 +208,7 @@ class Scheduler:
             params=req.params if first else None,
             min_tokens_stop_ids=tuple(sorted(req.eos_token_ids | req.stop_token_ids))
             if first and req.params.min_tokens else (),
+            lora_int_id=req.lora_int_id if first else 0,
         )
         # Counted as computed now, so the next step can be scheduled before this one ends.
         req.num_computed_tokens = start + n

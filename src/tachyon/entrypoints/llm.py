@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine, Prompt
+from tachyon.lora.request import LoRARequest
 from tachyon.outputs import RequestOutput
 from tachyon.sampling_params import SamplingParams
 
@@ -70,22 +71,50 @@ class LLM:
         re-capture the CUDA graphs. Returns what was taken back and how long it took."""
         return self.engine.wake_up()
 
+    # -- LoRA adapters: PEFT directories served per request (docs/lora.md) ----------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter now (``generate`` also loads one on first use). The same id again
+        replaces its weights. ``ValueError`` for a bad adapter; the engine goes on."""
+        self.engine.add_lora(lora_request)
+
+    def update_lora(self, lora_request: LoRARequest,
+                    named_tensors: NamedTensors | Mapping[str, Any]) -> None:
+        """Replace an adapter's weights in place with a trainer's: PEFT-named LoRA tensors
+        (``peft.get_peft_model_state_dict(model)``, or the ``lora_A``/``lora_B`` entries of
+        ``model.named_parameters()``). The rank and scale come from ``lora_path``'s
+        ``adapter_config.json``; the weights file there is not read. Checked like a file."""
+        from tachyon.loader.update import named_tensor_list
+
+        self.engine.update_lora(lora_request, dict(named_tensor_list(named_tensors)))
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.engine.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        """``lora_request``: one adapter for every prompt, or one (or None) per prompt."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
+        loras = _as_lora_list(lora_request, len(prompts))
         # Validate everything before queueing anything: a bad prompt loses nothing.
         for p in params:
             self.engine._check_params(p)
         for prompt in prompts:
             self.engine._check_prompt(self.engine.tokenize(prompt)[1])
+        for lora in loras:
+            self.engine.core.ensure_lora(lora)
         ids = []
-        for prompt, p in zip(prompts, params, strict=True):
-            ids.append(self.engine.add_request(f"gen-{self._counter}", prompt, p))
+        for prompt, p, lora in zip(prompts, params, loras, strict=True):
+            ids.append(self.engine.add_request(f"gen-{self._counter}", prompt, p,
+                                               lora_request=lora))
             self._counter += 1
         return self._run(ids, use_tqdm)
 
@@ -95,12 +124,14 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or a list of them."""
         convs = _as_conversations(messages)
         prompts = [apply_chat_template(self.get_tokenizer(), c, add_generation_prompt)
                    for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -161,6 +192,22 @@ def _as_conversations(messages: object) -> list[list[dict[str, Any]]]:
             return [list(c) for c in messages]
     raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} "
                      "dicts (one conversation) or a list of such lists")
+
+
+def _as_lora_list(lora_request: object, num_prompts: int) -> list[LoRARequest | None]:
+    """None, one ``LoRARequest`` for every prompt, or a list of one (or None) per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * num_prompts
+    if not isinstance(lora_request, list | tuple):
+        raise ValueError(f"lora_request must be a tachyon.LoRARequest, a list of them (one "
+                         f"per prompt, None for none) or None; got "
+                         f"{type(lora_request).__name__}")
+    if len(lora_request) != num_prompts:
+        raise ValueError(f"got {len(lora_request)} lora requests for {num_prompts} prompts")
+    bad = [r for r in lora_request if r is not None and not isinstance(r, LoRARequest)]
+    if bad:
+        raise ValueError(f"lora_request entries must be LoRARequest or None, got {bad[0]!r}")
+    return list(lora_request)
 
 
 def _as_params_list(sampling_params: object, num_prompts: int) -> list[SamplingParams]:

@@ -62,6 +62,7 @@ from tachyon.distributed.parallel_state import (
 from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.executor.stderr_relay import StderrRelay
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, named_tensor_list
+from tachyon.lora.request import LoRARequest
 from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
 from tachyon.worker.sleep import MemoryReport
 
@@ -171,6 +172,16 @@ class MultiprocExecutor:
         itself, as when loading."""
         host = [(name, t.cpu()) for name, t in named_tensor_list(named_tensors)]
         return self._call(RankCall("update_weights", (host, count_unset)))
+
+    def add_lora(self, lora_request: LoRARequest,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Every rank reads the adapter (or gets the tensors through host memory) and
+        shards it itself."""
+        host = None if tensors is None else {k: t.detach().cpu() for k, t in tensors.items()}
+        self._call(RankCall("add_lora", (lora_request, host)))
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._call(RankCall("remove_lora", (lora_int_id,)))
 
     def sleep(self, level: int) -> MemoryReport:
         return self._call(RankCall("sleep", (level,)))

@@ -11,6 +11,7 @@ import torch
 from tachyon.config import EngineConfig
 from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.loader.update import NamedTensors, WeightUpdateReport
+from tachyon.lora.request import LoRARequest
 from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
 from tachyon.worker.sleep import MemoryReport
 
@@ -42,6 +43,13 @@ class UniProcExecutor:
     def update_weights(self, named_tensors: NamedTensors,
                        count_unset: bool = False) -> WeightUpdateReport:
         return self.runner.update_weights(named_tensors, count_unset)
+
+    def add_lora(self, lora_request: LoRARequest,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.runner.add_lora(lora_request, tensors)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)
 
     def sleep(self, level: int) -> MemoryReport:
         return self.runner.sleep(level)

@@ -9,6 +9,12 @@ Every layer multiplies through ``linear``: cuBLAS, or at decode batch sizes the 
 (``tachyon.layers.kernels.skinny_gemm``), which decides per call from shapes alone. At those
 sizes the layers also take the small op before them into the GEMM's prologue
 (``forward_after_norm``, ``forward_after_silu_mul``): one launch instead of two.
+
+LoRA (``tachyon.lora``): a layer given adapter slots (``layer.lora``) adds each token's adapter
+delta to the base GEMM's output; column-parallel layers before their output leaves, row-parallel
+ones into the partial sums before the all-reduce (the delta is linear in the shrunk input, so
+reducing once covers both). Such a layer runs the norm or the activation before it on its own,
+since the shrink needs that input too.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ from tachyon.layers.kernels.skinny_gemm import (
 
 if TYPE_CHECKING:
     from tachyon.layers.norm import RMSNorm
+    from tachyon.lora.slots import LoRASlots
+
+# (offset, size) of each packed matrix in a layer's per-rank output features.
+OutputSlices = list[tuple[int, int]]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
@@ -90,9 +100,19 @@ class ColumnParallelLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False) if bias else None
         )
+        self.lora: LoRASlots | None = None  # set by tachyon.lora.manager when LoRA is on
+
+    # Shard ids of the packed matrices, in output order (as ``weight_loader`` takes them).
+    shard_ids: tuple[str | int | None, ...] = (None,)
+
+    def output_slices(self) -> OutputSlices:
+        return [(0, self.out_per_rank)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            self.lora.add_delta(x, y)
+        return y
 
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                            norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
         (``norm(x), x`` without a residual). At decode sizes one launch: the norm and the
         residual add run in the GEMM's prologue (x is replicated over ranks, so TP is moot)."""
         config = skinny_config(x, self.weight)
-        if config is not None:
+        if config is not None and self.lora is None:
             return skinny_gemm_rms_norm(x, norm.weight, norm.eps, self.weight, self.bias,
                                         residual, config=config)
         if residual is None:
@@ -120,6 +140,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
         super().__init__(in_features, sum(output_sizes), bias)
         self.output_sizes = [_divide(s, self.tp_size, "output features") for s in output_sizes]
+        self.shard_ids = tuple(range(len(output_sizes)))
+
+    def output_slices(self) -> OutputSlices:
+        offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+        return list(zip(offsets, self.output_sizes, strict=True))
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None
@@ -151,6 +176,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         per_rank = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, per_rank * tp, bias)
 
+    shard_ids = ("q", "k", "v")
+
+    def output_slices(self) -> OutputSlices:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return [(0, q), (q, kv), (q + kv, kv)]
+
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -173,9 +204,18 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = _divide(in_features, self.tp_size, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.lora: LoRASlots | None = None  # set by tachyon.lora.manager when LoRA is on
+
+    shard_ids: tuple[str | int | None, ...] = (None,)
+
+    def output_slices(self) -> OutputSlices:
+        return [(0, self.weight.shape[0])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(linear(x, self.weight))
+        partial = linear(x, self.weight)
+        if self.lora is not None:
+            self.lora.add_delta(x, partial)
+        return self._reduce(partial)
 
     def forward_after_silu_mul(self, x: torch.Tensor,
                                act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -183,7 +223,7 @@ class RowParallelLinear(nn.Module):
         (this rank's gate and up shards side by side). At decode sizes one launch: the
         activation runs in the GEMM's prologue."""
         config = skinny_config(x, self.weight)
-        if config is None:
+        if config is None or self.lora is not None:
             return self(act(x))
         return self._reduce(skinny_gemm(x, self.weight, config=config,
                                         prologue=Prologue.SILU_MUL))

@@ -160,11 +160,7 @@ class LlamaForCausalLM(nn.Module):
             return None
         if name == "lm_head.weight" and self.tie_word_embeddings:
             return None
-        target, shard = name, None
-        for piece, (packed, shard_id) in PACKED.items():
-            if f".{piece}." in name:
-                target, shard = name.replace(piece, packed), shard_id
-                break
+        target, shard = self.packed_name(name)
         try:
             self.get_parameter(target)
             owner = self.get_submodule(target.rsplit(".", 1)[0])
@@ -177,6 +173,16 @@ class LlamaForCausalLM(nn.Module):
         if shard is None:
             return target, loader
         return target, lambda param, tensor: loader(param, tensor, shard)
+
+    @staticmethod
+    def packed_name(name: str) -> tuple[str, str | int | None]:
+        """HF tensor name -> (our parameter's name, its shard id in a packed parameter or
+        None): ``...q_proj.weight`` -> (``...qkv_proj.weight``, "q"). LoRA places adapter
+        matrices by the same rule."""
+        for piece, (packed, shard_id) in PACKED.items():
+            if f".{piece}." in name:
+                return name.replace(piece, packed), shard_id
+        return name, None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the names of the parameters that were filled."""

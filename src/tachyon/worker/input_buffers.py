@@ -18,8 +18,8 @@ class InputBuffers:
         self.max_blocks_per_seq = max_blocks_per_seq
         pin = device.type == "cuda"
         t, s, m = max_num_tokens, max_num_seqs, max_blocks_per_seq
-        # int64 group: input_ids | positions | slot_mapping | logits_indices
-        self._i64_sizes = (t, t, t, s)
+        # int64 group: input_ids | positions | slot_mapping | logits_indices | lora_slots
+        self._i64_sizes = (t, t, t, s, t)
         # int32 group: query_start_loc (s + 1) | seq_lens | block_table (row-major, last)
         self._i32_sizes = (s + 1, s, s * m)
         self.host_i64 = torch.zeros(sum(self._i64_sizes), dtype=torch.int64, pin_memory=pin)
@@ -31,12 +31,14 @@ class InputBuffers:
         def split(buf: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
             return list(buf.split(sizes))
 
+        # lora_slots: each token's LoRA adapter slot, -1 for none (tachyon.lora).
         (self.input_ids, self.positions, self.slot_mapping,
-         self.logits_indices) = split(self.dev_i64, self._i64_sizes)
+         self.logits_indices, self.lora_slots) = split(self.dev_i64, self._i64_sizes)
         self.query_start_loc, self.seq_lens, bt = split(self.dev_i32, self._i32_sizes)
         self.block_table = bt.view(s, m)
         (self.np_input_ids, self.np_positions, self.np_slot_mapping,
-         self.np_logits_indices) = np.split(self.np_i64, np.cumsum(self._i64_sizes)[:-1])
+         self.np_logits_indices, self.np_lora_slots) = np.split(
+             self.np_i64, np.cumsum(self._i64_sizes)[:-1])
         np_qsl, np_seq_lens, np_bt = np.split(self.np_i32, np.cumsum(self._i32_sizes)[:-1])
         self.np_query_start_loc, self.np_seq_lens = np_qsl, np_seq_lens
         self.np_block_table = np_bt.reshape(s, m)

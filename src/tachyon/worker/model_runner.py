@@ -26,6 +26,8 @@ from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.layers.sampler import Sampler, SamplingMetadata
 from tachyon.loader.loader import load_model
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, update_model_weights
+from tachyon.lora.manager import NO_SLOT, LoRAManager
+from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 from tachyon.worker.input_buffers import InputBuffers, SamplingBuffers, StagingFence
 from tachyon.worker.sleep import (
@@ -57,6 +59,7 @@ class RequestState:
     row: int = -1  # block-table row it occupied last step
     row_blocks: int = 0  # how many of its block ids that row already holds
     min_tokens_stop_ids: tuple[int, ...] = ()  # masked until params.min_tokens outputs
+    lora_id: int = 0  # its LoRA adapter (0: none)
 
 
 @dataclass
@@ -127,6 +130,8 @@ class ModelRunner:
 
         self.buffers = InputBuffers(self.max_num_tokens, self.max_num_seqs,
                                     self.attn_spec.max_blocks_per_seq, device)
+        self.lora_manager = None if config.lora is None else LoRAManager(
+            self.model, config.lora, self.buffers.lora_slots, mc.dtype, device)
         self.sampler = Sampler()
         self.sampling_buffers = SamplingBuffers(self.max_num_seqs, device)
         # Pinned staging buffers above are refilled every step: see StagingFence.
@@ -294,9 +299,11 @@ class ModelRunner:
         pos = 0
         b.np_query_start_loc[0] = 0
         ids, positions, slots = b.np_input_ids, b.np_positions, b.np_slot_mapping
+        lora_spans: list[tuple[int, int, int]] = []  # (first token, tokens, adapter id)
         for row, s in enumerate(out.requests):
             st = self._update_state(s)
             n = len(s.new_token_ids) + s.num_pending_inputs
+            lora_spans.append((pos, n, st.lora_id))
             start = s.num_computed_tokens
             if s.num_pending_inputs:  # the last input is being sampled by the previous step
                 plan.from_previous.append((pos + n - 1, self._prev_rows[s.request_id]))
@@ -319,7 +326,17 @@ class ModelRunner:
                 plan.sample_rows.append(row)
                 plan.sample_ids.append(s.request_id)
         self._pad(num_tokens, num_reqs, padded_tokens, padded_reqs)
+        if self.lora_manager is not None:
+            self._stage_lora(lora_spans)
         return plan
+
+    def _stage_lora(self, spans: list[tuple[int, int, int]]) -> None:
+        """Each token's adapter slot; adapters not resident are copied in now (queued
+        before this step's forward), never evicting one this step needs."""
+        lora = self.lora_manager
+        lora.begin_step({lora_id for _, _, lora_id in spans})
+        for pos, n, lora_id in spans:
+            self.buffers.np_lora_slots[pos:pos + n] = lora.slot_of(lora_id)
 
     def _write_block_row(self, row: int, st: RequestState) -> None:
         """Rows are rewritten only when a request moved rows; otherwise only new blocks go in.
@@ -337,6 +354,7 @@ class ModelRunner:
         context (seq_len 0) and take one padded token each while any remain."""
         b = self.buffers
         b.np_slot_mapping[num_tokens:padded_tokens] = -1
+        b.np_lora_slots[num_tokens:padded_tokens] = NO_SLOT
         b.np_input_ids[num_tokens:padded_tokens] = 0
         b.np_positions[num_tokens:padded_tokens] = 0
         extra = padded_reqs - num_reqs
@@ -362,6 +380,7 @@ class ModelRunner:
         b.np_input_ids[:num_tokens] = 0
         b.np_positions[:num_tokens] = 0
         b.np_slot_mapping[:num_tokens] = -1
+        b.np_lora_slots[:num_tokens] = NO_SLOT
         b.np_logits_indices[:num_reqs] = np.cumsum(lens) - 1
         plan = StepPlan(num_tokens, num_reqs, num_tokens, num_reqs, mode, uniform_decode)
         self.buffers.copy_to_device(num_reqs)
@@ -378,7 +397,8 @@ class ModelRunner:
             # Start from the whole prompt: a prefix-cache hit skips computing its head, but
             # penalties still count those tokens.
             st = RequestState(len(s.prompt_token_ids), params, list(s.prompt_token_ids), [],
-                              gen, min_tokens_stop_ids=s.min_tokens_stop_ids)
+                              gen, min_tokens_stop_ids=s.min_tokens_stop_ids,
+                              lora_id=s.lora_int_id)
             self.states[s.request_id] = st
         if s.full_block_ids:
             st.block_ids = list(s.block_ids)
@@ -557,6 +577,19 @@ class ModelRunner:
         if count_unset:
             report = dataclasses.replace(report, params_unset=count_unset_params(self.model))
         return report
+
+    # -- LoRA adapters (tachyon.lora.manager); the engine core keeps the registry ----------
+    def add_lora(self, req: LoRARequest,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Load (or replace) an adapter; ``tensors``: PEFT-named weights instead of the
+        directory's file. ``ValueError`` for a bad adapter or LoRA off."""
+        if self.lora_manager is None:
+            raise ValueError("LoRA is off: start the engine with enable_lora=True "
+                             "(--enable-lora)")
+        self.lora_manager.add(req, tensors)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.lora_manager is not None and self.lora_manager.remove(lora_id)
 
     def sleep(self, level: int) -> MemoryReport:
         """Free the CUDA graphs and the KV cache; at level 2 the weights too."""
