@@ -115,6 +115,29 @@ class CompilationConfig:
         return tuple(sizes)
 
 
+SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+# Methods with a proposer today; the others are accepted by name and refused with a clear error.
+SPEC_METHODS_IMPLEMENTED = ("ngram",)
+_SPEC_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+              "model"}
+# n-gram lookup: the longest suffix tried first, the shortest accepted (a one-token match
+# proposes too often to pay).
+DEFAULT_PROMPT_LOOKUP_MAX = 5
+DEFAULT_PROMPT_LOOKUP_MIN = 2
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer drafts up to ``num_speculative_tokens`` tokens per
+    decoding request, the target scores them all in one step (spec_decode/)."""
+
+    method: str  # one of SPEC_METHODS_IMPLEMENTED
+    num_speculative_tokens: int  # k >= 1
+    prompt_lookup_min: int  # n-gram: shortest suffix match that proposes
+    prompt_lookup_max: int  # n-gram: longest suffix tried
+    model: str | None  # the drafter's weights (draft_model, eagle, eagle3)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -125,6 +148,7 @@ class EngineConfig:
     device: str  # "cuda" | "cpu"
     attention_backend: str | None  # None: default for the device
     lora: LoRAConfig | None = None  # None: LoRA off (--enable-lora)
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
 
 _COMPILATION_KEYS = {
@@ -210,6 +234,12 @@ class EngineArgs:
         "max_cudagraph_capture_size, compile_sizes, piecewise_backend (breakable | compile), "
         "cache_dir; e.g. '{\"cudagraph_capture_sizes\": [1, 2, 4]}'",
         aliases=("-O",), default_help="{}", metavar="JSON"))
+    speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_cli(
+        "speculative decoding, a JSON object; keys: method (ngram | draft_model | eagle | "
+        "eagle3; ngram only for now), num_speculative_tokens, prompt_lookup_min, "
+        "prompt_lookup_max, model (the drafter); e.g. "
+        "'{\"method\": \"ngram\", \"num_speculative_tokens\": 3}'. Steps then run "
+        "synchronously (no --async-scheduling)", default_help="off", metavar="JSON"))
 
     enable_lora: bool = field(default=False, metadata=_cli(
         "serve LoRA adapters (PEFT directories) per request"))
@@ -275,6 +305,10 @@ class EngineArgs:
             )
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         kv_mem = parse_memory_size(self.kv_cache_memory) if self.kv_cache_memory else None
+        speculative = self._speculative_config(hf_config)
+        if speculative is not None and self.async_scheduling:
+            raise ValueError("speculative decoding runs its steps synchronously (the next "
+                             "step's drafts need this step's tokens); drop --async-scheduling")
         if kv_mem is not None and kv_mem <= 0:
             raise ValueError("kv_cache_memory must be positive, e.g. '2GiB'")
         return EngineConfig(
@@ -301,7 +335,9 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=tokens,
                 enable_chunked_prefill=self.enable_chunked_prefill,
-                async_scheduling=(device == "cuda" if self.async_scheduling is None
+                # Off with speculation: its steps run synchronously (see speculative_config).
+                async_scheduling=(device == "cuda" and speculative is None
+                                  if self.async_scheduling is None
                                   else bool(self.async_scheduling)),
             ),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_backend),
@@ -309,6 +345,7 @@ class EngineArgs:
             lora=self._lora_config(),
             device=device,
             attention_backend=self.attention_backend or os.environ.get(ENV_ATTENTION_BACKEND),
+            speculative=speculative,
         )
 
     def _lora_config(self) -> LoRAConfig | None:
@@ -371,6 +408,68 @@ class EngineArgs:
             cache_dir=raw.get("cache_dir"),
             enforce_eager=self.enforce_eager,
         )
+
+
+    def _speculative_config(self, target_hf_config: Any) -> SpeculativeConfig | None:
+        raw = _json_object("speculative_config", self.speculative_config,
+                           '{"method": "ngram", "num_speculative_tokens": 3}')
+        if raw is None:
+            return None
+        unknown = sorted(set(raw) - _SPEC_KEYS)
+        if unknown:
+            raise ValueError(f"unknown speculative_config key(s): {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(_SPEC_KEYS))}")
+        method = raw.get("method")
+        if method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config method must be one of "
+                             f"{', '.join(SPEC_METHODS)}, got {method!r}")
+        k = raw.get("num_speculative_tokens")
+        _check_int("speculative_config num_speculative_tokens", k, 1)
+        lo = raw.get("prompt_lookup_min", DEFAULT_PROMPT_LOOKUP_MIN)
+        _check_int("speculative_config prompt_lookup_min", lo, 1)
+        hi = raw.get("prompt_lookup_max", max(lo, DEFAULT_PROMPT_LOOKUP_MAX))
+        _check_int("speculative_config prompt_lookup_max", hi, lo)
+        model = raw.get("model")
+        if method == "ngram":
+            if model is not None:
+                raise ValueError("speculative_config method 'ngram' takes no model (it looks "
+                                 "drafts up in the request's own tokens)")
+        else:
+            if not model:
+                raise ValueError(f"speculative_config method {method!r} needs 'model': the "
+                                 f"drafter's directory or .gguf file")
+            _check_draft_vocab(model, target_hf_config)
+        if method not in SPEC_METHODS_IMPLEMENTED:
+            raise ValueError(f"speculative decoding method {method!r} is not implemented yet; "
+                             f"use one of: {', '.join(SPEC_METHODS_IMPLEMENTED)}")
+        return SpeculativeConfig(method, k, lo, hi, model)
+
+
+def _json_object(name: str, value: dict[str, Any] | str | None,
+                 example: str) -> dict[str, Any] | None:
+    """A JSON-object flag (or the dict itself from ``LLM(...)``); None when unset."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--{name.replace('_', '-')} is not valid JSON ({e.msg}): "
+                             f"{value!r}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, e.g. '{example}'")
+    return value
+
+
+def _check_draft_vocab(model: str, target_hf_config: Any) -> None:
+    """A drafter proposes token ids of its own vocabulary: they must mean the same tokens."""
+    from tachyon.loader.resolve import resolve_model
+
+    draft = resolve_model(model, "dummy", None).hf_config  # only its config is read here
+    ours, theirs = getattr(target_hf_config, "vocab_size", None), getattr(draft, "vocab_size", None)
+    if ours != theirs:
+        raise ValueError(f"the draft model's vocabulary ({theirs} tokens) differs from the "
+                         f"target's ({ours}); speculative decoding needs the target's tokenizer")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tachyon.attention.base import CGSupport
 from tachyon.cudagraph.breakable import BreakableCapture, BreakableGraph, _AttentionCall
 from tachyon.cudagraph.contract import ENV_DEBUG_GRAPHS, Signature, check_replay, signature
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
@@ -36,7 +37,12 @@ class CUDAGraphRunner:
         self.mode = mode
         cfg = runner.config.compilation
         self.sizes = cfg.capture_sizes(runner.max_num_seqs)
-        self.dispatcher = CudagraphDispatcher(mode, self.sizes)
+        spec = runner.config.speculative
+        # Verify batches (1 + k tokens per request) get FULL graphs of their own where the
+        # backend can capture uniform batches; else they run as mixed batches.
+        verify_len = spec.num_speculative_tokens + 1 if spec is not None and \
+            runner.backend.cudagraph_support >= CGSupport.UNIFORM_BATCH else 0
+        self.dispatcher = CudagraphDispatcher(mode, self.sizes, verify_len, runner.max_num_tokens)
         self.emulate = emulate
         self.impl = EmulatedGraphs() if emulate else CudaGraphs()
         self.full: dict[BatchDescriptor, CapturedGraph] = {}
@@ -56,16 +62,18 @@ class CUDAGraphRunner:
         self._live: ForwardContext | None = None
 
     # -- dispatch and run ----------------------------------------------------------------
-    def dispatch(self, num_tokens: int, uniform_decode: bool) -> tuple[RuntimeMode, int]:
-        mode, size = self.dispatcher.dispatch(num_tokens, uniform_decode)
+    def dispatch(self, num_tokens: int,
+                 uniform_query_len: int) -> tuple[RuntimeMode, BatchDescriptor]:
+        mode, desc = self.dispatcher.descriptor(num_tokens, uniform_query_len)
         if mode is RuntimeMode.PIECEWISE and self.emulate and self.compiled is None:
-            return RuntimeMode.NONE, num_tokens  # breakable segments need a real GPU
-        return mode, size
+            # Breakable segments need a real GPU.
+            return RuntimeMode.NONE, BatchDescriptor(num_tokens, desc.uniform_query_len)
+        return mode, desc
 
     def run(self, plan: StepPlan, ctx: ForwardContext) -> torch.Tensor:
         n = plan.padded_tokens
         if plan.mode is RuntimeMode.FULL:
-            desc = BatchDescriptor(n, plan.uniform_decode)
+            desc = plan.desc
             if self.check_contract:
                 check_replay(f"FULL graph {desc} ({ctx.backend.name})",
                              self.full_signatures[desc], signature(ctx.attn_metadata))
@@ -126,10 +134,9 @@ class CUDAGraphRunner:
 
     def _context(self, desc: BatchDescriptor, mode: RuntimeMode) -> ForwardContext:
         r = self.runner
-        # One token per dummy request (context 1): a capture batch never claims more context
-        # than the cache holds, even the one-block cache of the trial capture.
-        num_reqs = min(desc.num_tokens, r.max_num_seqs)
-        plan = r.stage_dummy(desc.num_tokens, num_reqs, desc.uniform_decode, mode)
+        # Dummy requests have no context beyond their own queries: a capture batch never
+        # claims more context than the cache holds, even the one-block cache of the trial.
+        plan = r.stage_dummy(desc, mode)
         meta = r.backend.build_metadata(r._common_metadata(plan))
         return ForwardContext(r.backend, meta, r.kv_caches)
 
@@ -149,7 +156,7 @@ class CUDAGraphRunner:
         return graph
 
     def _capture_breakable(self, n: int) -> BreakableGraph:
-        ctx = self._context(BatchDescriptor(n, False), RuntimeMode.PIECEWISE)
+        ctx = self._context(BatchDescriptor(n), RuntimeMode.PIECEWISE)
         self._forward(n, ctx)  # warm-up
         b = self.runner.buffers
         impl: Any = self.impl
@@ -171,12 +178,12 @@ class CUDAGraphRunner:
 
     def _warm_compiled(self) -> None:
         """Trace and compile once (dynamic batch size) before any capture."""
-        ctx = self._context(BatchDescriptor(self.sizes[-1], False), RuntimeMode.PIECEWISE)
+        ctx = self._context(BatchDescriptor(self.sizes[-1]), RuntimeMode.PIECEWISE)
         with set_forward_context(ctx):
             self.compiled.run(self.sizes[-1], RuntimeMode.NONE)
 
     def _capture_compiled(self, n: int) -> None:
-        ctx = self._context(BatchDescriptor(n, False), RuntimeMode.PIECEWISE)
+        ctx = self._context(BatchDescriptor(n), RuntimeMode.PIECEWISE)
         with set_forward_context(ctx):
             self.compiled.capture(n)
 

@@ -58,6 +58,9 @@ class EngineCore:
         self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
         self._penalty_requests: set[str] = set()
         self.stats = {"generation_tokens": 0, "steps": 0, "preemptions": 0}
+        if config.speculative is not None:
+            self.scheduler.enable_speculation(config.speculative)
+            self.stats.update(spec_stats(self.scheduler.spec_counts))
         self.sleep_level = 0  # 0: awake; else the level of the last sleep()
         # After a level-2 sleep the weights are re-allocated unset (NaN) until pushed.
         self.weights_unset = False
@@ -117,6 +120,8 @@ class EngineCore:
     def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[TokenEvent]:
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
+        if result.spec_token_ids is not None:
+            return self._process_spec(sched, result)
         sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
         logprobs = dict(zip(result.request_ids, result.logprobs, strict=True)) \
             if result.logprobs is not None else {}
@@ -128,6 +133,29 @@ class EngineCore:
             stop = req.stop_reason if isinstance(req.stop_reason, int) else None
             events.append(TokenEvent(req, sampled[rid], req.status, stop, logprobs.get(rid)))
         self.stats["generation_tokens"] += len(events)
+        return events
+
+    def _process_spec(self, sched: SchedulerOutput,
+                      result: ModelRunnerOutput) -> list[TokenEvent]:
+        """A speculative step: one event per token kept, several per request; only a
+        request's last event carries its finish."""
+        emitted = dict(zip(result.request_ids, result.spec_token_ids, strict=True))
+        logprobs = dict(zip(result.request_ids, result.spec_logprobs, strict=True)) \
+            if result.spec_logprobs is not None else {}
+        events = []
+        for req, tokens in self.scheduler.update_spec(sched, emitted):
+            rid = req.request_id
+            if req.status.finished:
+                self._penalty_requests.discard(rid)
+            stop = req.stop_reason if isinstance(req.stop_reason, int) else None
+            lps = logprobs.get(rid)
+            last = len(tokens) - 1
+            for j, token in enumerate(tokens):
+                events.append(TokenEvent(
+                    req, token, req.status if j == last else RequestStatus.RUNNING,
+                    stop if j == last else None, lps[j] if lps else None))
+        self.stats["generation_tokens"] += len(events)
+        self.stats.update(spec_stats(self.scheduler.spec_counts))
         return events
 
     def reset_prefix_cache(self) -> None:
@@ -232,6 +260,22 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def spec_stats(counts: dict[str, int]) -> dict[str, float]:
+    """Speculation counters since start, and what they mean: the share of drafts accepted,
+    and the tokens a verify pass yields on average (its accepted drafts plus one)."""
+    drafts, accepted, verifies = (counts["draft_tokens"], counts["accepted_tokens"],
+                                  counts["verifies"])
+    return {"spec_draft_tokens": drafts, "spec_accepted_tokens": accepted,
+            "spec_verifies": verifies,
+            "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
+            "spec_mean_accepted_length": 1 + accepted / verifies if verifies else 0.0}
+
+
+def spec_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """``spec_stats`` of what happened between two snapshots of the counters."""
+    return spec_stats({k: after[k] - before[k] for k in after})
 
 
 def check_params(params: SamplingParams, vocab_size: int) -> None:

@@ -180,6 +180,8 @@ class LLMEngine:
             if owner is None:
                 continue
             parent, seq = owner
+            if seq.output.finish_reason is not None:
+                continue  # a stop string ended it earlier in this step (speculation)
             self._on_token(seq, ev, now, stopped)
             touched[parent.request_id] = parent
         if stopped:  # stop strings: finish in the scheduler so the blocks are freed now

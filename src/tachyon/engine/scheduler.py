@@ -6,6 +6,12 @@ order, each after its prefix-cache lookup. A prompt longer than what is left of 
 chunked. When the KV pool runs dry the newest running request is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed (its own cached prefix
 usually makes that cheap).
+
+With speculative decoding a decoding request also carries drafts (spec_decode/): it computes
+``1 + d`` tokens, and ``update_spec`` appends the accepted ones (several per step) and rolls
+``num_computed_tokens`` back over the rejected ones. Their KV slots stay in the request's
+blocks and are overwritten when the real tokens get there; blocks are only ever registered
+in the prefix cache once full of known tokens, so a rejected draft never reaches it.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tachyon.config import SchedulerConfig
+from tachyon.config import SchedulerConfig, SpeculativeConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.sampling_params import SamplingParams
+from tachyon.spec_decode.ngram import NgramProposer
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class ScheduledRequest:
     # Inputs after ``new_token_ids`` whose values the previous step is still sampling
     # (asynchronous scheduling): the runner takes them from that step's output on the device.
     num_pending_inputs: int = 0
+    # The last ``num_draft_tokens`` of ``new_token_ids`` are drafts to verify (speculation).
+    num_draft_tokens: int = 0
     prompt_token_ids: list[int] | None = None  # with the first schedule only
     params: SamplingParams | None = None  # with the first schedule only
     # With the first schedule only: EOS and stop token ids the sampler must not draw while
@@ -79,6 +88,15 @@ class Scheduler:
         self._known_to_runner: set[str] = set()
         self._block_counts: dict[str, int] = {}  # blocks already sent to the runner
         self.num_preemptions = 0  # since start, for stats
+        self.proposer: NgramProposer | None = None  # set by enable_speculation
+        # Since start, for stats: drafts scheduled, drafts accepted, verify passes (a request
+        # with drafts in a step).
+        self.spec_counts = {"draft_tokens": 0, "accepted_tokens": 0, "verifies": 0}
+
+    def enable_speculation(self, spec: SpeculativeConfig) -> None:
+        """Draft for decoding requests from now on (before the first request arrives)."""
+        self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                      spec.prompt_lookup_max)
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -116,6 +134,8 @@ class Scheduler:
 
     def _release(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        if self.proposer is not None:
+            self.proposer.drop(req.request_id)
         self.kv.free(req)
         self._block_counts.pop(req.request_id, None)
         if req.request_id in self._known_to_runner:
@@ -134,6 +154,14 @@ class Scheduler:
             if remaining <= 0 or self._finishes_with_pending(req):
                 i += 1  # nothing to compute until the step in flight reports back
                 continue
+            if remaining == 1 and self.proposer is not None:
+                drafts = self._drafts(req, budget)
+                # No room for the drafts' slots: decode plainly (preempting only for that).
+                if drafts and self.kv.allocate_slots(req, 1 + len(drafts)):
+                    out.append(self._scheduled(req, 1, drafts))
+                    budget -= 1 + len(drafts)
+                    i += 1
+                    continue
             n = min(remaining, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
@@ -184,7 +212,25 @@ class Scheduler:
         total = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(out, total, finished)
 
-    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """Drafts for a decoding request, as many as the budget, ``max_model_len`` and
+        ``max_tokens`` leave room for once every one is accepted and the bonus token added.
+        None for requests whose logits at a draft position would need more than the
+        sampler's per-row parameters (penalties count earlier tokens; min_tokens masks by
+        output count)."""
+        p = req.params
+        if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+                or req.num_output_tokens < p.min_tokens):
+            return []
+        room = min(budget, self.max_model_len - req.num_tokens)
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - req.num_output_tokens)
+        if room < 2:
+            return []
+        return self.proposer.propose(req.request_id, req.all_token_ids, room - 1)
+
+    def _scheduled(self, req: Request, n: int,
+                   drafts: list[int] | None = None) -> ScheduledRequest:
         start = req.num_computed_tokens
         rid = req.request_id
         blocks = self.kv.req_blocks.get(rid, ())
@@ -196,6 +242,9 @@ class Scheduler:
         self._known_to_runner.add(rid)
         known = req.all_token_ids[start:start + n]
         sample = start + n == req.num_tokens + req.num_pending
+        num_drafts = len(drafts) if drafts else 0
+        if num_drafts:
+            known += drafts
         scheduled = ScheduledRequest(
             request_id=rid,
             new_token_ids=known,
@@ -203,7 +252,8 @@ class Scheduler:
             block_ids=new_blocks,
             full_block_ids=resumed,
             sample=sample,
-            num_pending_inputs=n - len(known),
+            num_pending_inputs=n + num_drafts - len(known),
+            num_draft_tokens=num_drafts,
             prompt_token_ids=req.prompt_token_ids if first else None,
             params=req.params if first else None,
             min_tokens_stop_ids=tuple(sorted(req.eos_token_ids | req.stop_token_ids))
@@ -211,7 +261,7 @@ class Scheduler:
             lora_int_id=req.lora_int_id if first else 0,
         )
         # Counted as computed now, so the next step can be scheduled before this one ends.
-        req.num_computed_tokens = start + n
+        req.num_computed_tokens = start + n + num_drafts
         if sample:
             req.num_pending += 1
         return scheduled
@@ -254,6 +304,39 @@ class Scheduler:
             status = self._check_stop(req, token)
             if status is not None:
                 self.finish_requests([req.request_id], status)
+        return progressed
+
+    def update_spec(self, out: SchedulerOutput,
+                    emitted: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
+        """``update`` for a speculative engine: each sampled request emits its accepted
+        drafts and one more token. Rejected drafts' positions are un-computed; tokens after
+        a stop (EOS, stop token, max_tokens, max_model_len) are dropped. Returns each request
+        that progressed with the tokens it kept."""
+        progressed = []
+        counts = self.spec_counts
+        for s in out.requests:
+            if not s.sample:
+                continue
+            req = self.requests.get(s.request_id)
+            if req is None:
+                continue  # finished or aborted while the step ran
+            req.num_pending -= 1
+            tokens = emitted[s.request_id]
+            rejected = s.num_draft_tokens - (len(tokens) - 1)
+            req.num_computed_tokens -= rejected
+            if s.num_draft_tokens:
+                counts["draft_tokens"] += s.num_draft_tokens
+                counts["accepted_tokens"] += s.num_draft_tokens - rejected
+                counts["verifies"] += 1
+            kept = []
+            for token in tokens:
+                req.append_token(token)
+                kept.append(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    self.finish_requests([req.request_id], status)
+                    break
+            progressed.append((req, kept))
         return progressed
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:

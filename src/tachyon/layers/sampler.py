@@ -226,20 +226,30 @@ def _exponential_noise(like: torch.Tensor, generators: dict[int, torch.Generator
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def _random_sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Temperature, truncation and exponential-race sampling for every row ([B] int64)."""
+def target_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[B, V] float32: the distribution a row samples from (temperature, then truncation).
+    Greedy rows get temperature 1 here only to stay finite; callers discard their result."""
     temperature = meta.temperature.to(torch.float32)
-    # Greedy rows get temperature 1 here only to stay finite; their result is discarded.
     temperature = torch.where(temperature < GREEDY_TEMPERATURE, 1.0, temperature)
     logits = logits / temperature.unsqueeze(1)
     logits = apply_top_k_top_p_min_p(
         logits, meta.top_k, meta.top_p, meta.min_p, max_top_k=meta.max_top_k
     )
-    probs = logits.softmax(dim=-1)
-    return probs.div_(_exponential_noise(probs, meta.generators)).argmax(dim=-1)
+    return logits.softmax(dim=-1)
 
 
-def _gather_logprobs(
+def race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """[B] int64: token ``i`` of each row with probability ``probs[i] / sum(probs)`` (the
+    exponential race, so the rows need not be normalised). ``probs`` is overwritten."""
+    return probs.div_(_exponential_noise(probs, generators)).argmax(dim=-1)
+
+
+def _random_sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Temperature, truncation and exponential-race sampling for every row ([B] int64)."""
+    return race(target_probs(logits, meta), meta.generators)
+
+
+def gather_logprobs(
     logprobs: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled-token logprob + top-k, and the sampled token's rank (1 + #strictly better)."""
@@ -273,5 +283,5 @@ class Sampler(torch.nn.Module):
 
         if logprobs is None:
             return SamplerOutput(sampled, None, None, None)
-        ids, vals, ranks = _gather_logprobs(logprobs, sampled, meta.max_num_logprobs)
+        ids, vals, ranks = gather_logprobs(logprobs, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled, ids, vals, ranks)

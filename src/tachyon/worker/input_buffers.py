@@ -110,3 +110,19 @@ class SamplingBuffers:
 
     def top_k(self, k: int) -> torch.Tensor:
         return self.dev_k[:k]
+
+
+class VerifyBuffers:
+    """The logits rows of a speculative step: which token position each row scores and the
+    draft it checks (``NO_DRAFT`` on a request's bonus row). Staged in pinned memory and
+    sent with one copy; read by the rejection sampler, outside any graph."""
+
+    def __init__(self, max_num_logits: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.host = torch.zeros((2, max_num_logits), dtype=torch.int64, pin_memory=pin)
+        self.dev = torch.zeros_like(self.host, device=device)
+        self.np_logits_indices, self.np_draft_ids = self.host.numpy()
+        self.logits_indices, self.draft_ids = self.dev
+
+    def copy_to_device(self, num_rows: int) -> None:
+        self.dev[:, :num_rows].copy_(self.host[:, :num_rows], non_blocking=True)

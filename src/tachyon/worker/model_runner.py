@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from tachyon.attention.base import AttentionSpec, CommonAttentionMetadata
 from tachyon.attention.registry import get_backend_class
 from tachyon.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from tachyon.cudagraph.dispatcher import MIXED, BatchDescriptor
 from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
 from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.forward_context import ForwardContext, set_forward_context
@@ -29,7 +31,13 @@ from tachyon.loader.update import NamedTensors, WeightUpdateReport, update_model
 from tachyon.lora.manager import NO_SLOT, LoRAManager
 from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
-from tachyon.worker.input_buffers import InputBuffers, SamplingBuffers, StagingFence
+from tachyon.spec_decode.rejection import NO_DRAFT, num_accepted, rejection_sample
+from tachyon.worker.input_buffers import (
+    InputBuffers,
+    SamplingBuffers,
+    StagingFence,
+    VerifyBuffers,
+)
 from tachyon.worker.sleep import (
     MemoryReport,
     count_unset_params,
@@ -68,6 +76,11 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     # Per sampled request: [(token id, logprob), ...] sampled token first, then top-k.
     logprobs: list[list[tuple[int, float]]] | None = None
+    # With speculative decoding: per sampled request, every token it emits this step (its
+    # accepted drafts, then the target's own token), and their logprobs likewise; the
+    # fields above then hold the first of them.
+    spec_token_ids: list[list[int]] | None = None
+    spec_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 class PendingOutput:
@@ -75,9 +88,10 @@ class PendingOutput:
 
     def __init__(self, runner: ModelRunner | None, request_ids: list[str],
                  host_ids: torch.Tensor | None, event: torch.cuda.Event | None,
-                 sampler_output: object) -> None:
+                 sampler_output: object, spec_starts: list[int] | None = None) -> None:
         self.runner, self.request_ids = runner, request_ids
         self.host_ids, self.event, self.sampler_output = host_ids, event, sampler_output
+        self.spec_starts = spec_starts  # a verify step: each request's first logits row
         self._result: ModelRunnerOutput | None = None
 
     @classmethod
@@ -102,8 +116,13 @@ class StepPlan:
     padded_reqs: int
     mode: RuntimeMode
     uniform_decode: bool
+    desc: BatchDescriptor | None = None  # the graph key (set once dispatched)
     sample_rows: list[int] = field(default_factory=list)  # batch rows that sample
     sample_ids: list[str] = field(default_factory=list)
+    # Logits rows: one per sampled request, or 1 + d for one verifying d drafts.
+    num_logits: int = 0
+    logit_ids: list[str] = field(default_factory=list)  # request per row (speculation only)
+    spec_starts: list[int] = field(default_factory=list)  # first row per sampled request
     # (token position, row in the previous step's sampled ids) for inputs sampled last step
     from_previous: list[tuple[int, int]] = field(default_factory=list)
 
@@ -116,6 +135,10 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_num_tokens = sc.max_num_batched_tokens
         self.max_num_seqs = sc.max_num_seqs
+        self.speculative = config.speculative
+        # Logits rows per step: a verify step scores 1 + k positions of each request.
+        self.max_num_logits = self.max_num_seqs if self.speculative is None else min(
+            self.max_num_tokens, self.max_num_seqs * (self.speculative.num_speculative_tokens + 1))
         self.model = load_model(mc, device)
         num_layers, heads, kv_heads, head_dim = self.model.attention_shape
         self.num_layers = num_layers
@@ -130,15 +153,19 @@ class ModelRunner:
 
         self.buffers = InputBuffers(self.max_num_tokens, self.max_num_seqs,
                                     self.attn_spec.max_blocks_per_seq, device)
+        self.verify_buffers = VerifyBuffers(self.max_num_logits, device) \
+            if self.speculative is not None else None
         self.lora_manager = None if config.lora is None else LoRAManager(
             self.model, config.lora, self.buffers.lora_slots, mc.dtype, device)
         self.sampler = Sampler()
-        self.sampling_buffers = SamplingBuffers(self.max_num_seqs, device)
+        self.sampling_buffers = SamplingBuffers(self.max_num_logits, device)
         # Pinned staging buffers above are refilled every step: see StagingFence.
         self.staging_fence = StagingFence(device)
         self._row_owners: list[RequestState | None] = [None] * self.max_num_seqs
         pin = device.type == "cuda"
-        self._host_ids = [torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin)
+        # Verify steps send back each row's token and whether its draft was accepted.
+        host_len = self.max_num_seqs if self.speculative is None else 2 * self.max_num_logits
+        self._host_ids = [torch.zeros(host_len, dtype=torch.int64, pin_memory=pin)
                           for _ in range(2)]
         self._host_ids_flip = 0
         self._prev_sampled = torch.zeros(self.max_num_seqs, dtype=torch.int64, device=device)
@@ -255,12 +282,16 @@ class ModelRunner:
         self.staging_fence.wait()  # the previous step's copies have read the staging buffers
         plan = self._stage(out)
         self.buffers.copy_to_device(plan.padded_reqs)
+        if self.verify_buffers is not None:
+            self.verify_buffers.copy_to_device(plan.num_logits)
         self._fill_from_previous(plan)
         common = self._common_metadata(plan)
         metadata = self.backend.build_metadata(common)
         sampling = self._sampling_metadata(plan) if plan.sample_rows else None
         self.staging_fence.record()  # after the step's last copy out of pinned staging
         hidden = self._run_model(plan, metadata)
+        if self.speculative is not None:
+            return self._sample_spec(plan, hidden, sampling)
         return self._sample(plan, hidden, sampling)
 
     def _fill_from_previous(self, plan: StepPlan) -> None:
@@ -282,20 +313,26 @@ class ModelRunner:
         with set_forward_context(ctx):
             return self.model(b.input_ids[:n], b.positions[:n])
 
-    def _dispatch(self, num_tokens: int, uniform_decode: bool) -> tuple[RuntimeMode, int]:
+    def _dispatch(self, num_tokens: int,
+                  uniform_query_len: int) -> tuple[RuntimeMode, BatchDescriptor]:
         if self.graph_runner is None:
-            return RuntimeMode.NONE, num_tokens
-        return self.graph_runner.dispatch(num_tokens, uniform_decode)
+            return RuntimeMode.NONE, BatchDescriptor(num_tokens, uniform_query_len)
+        return self.graph_runner.dispatch(num_tokens, uniform_query_len)
+
+    def _uniform_query_len(self, num_reqs: int) -> int:
+        """The query length every request of the staged batch shares, or MIXED. Only a
+        speculative engine has uniform batches of more than one token (verify batches)."""
+        if self.speculative is None:
+            return MIXED
+        lens = np.diff(self.buffers.np_query_start_loc[:num_reqs + 1])
+        return int(lens[0]) if lens.min() == lens.max() else MIXED
 
     def _stage(self, out: SchedulerOutput) -> StepPlan:
         """Update request states and write the step's inputs into the host buffers."""
         b, bs = self.buffers, self.block_size
         num_reqs, num_tokens = len(out.requests), out.total_num_tokens
-        mode, padded_tokens = self._dispatch(num_tokens, out.uniform_decode)
-        # A full graph is shaped by its request count too: pad requests to a fixed count.
-        padded_reqs = min(padded_tokens, self.max_num_seqs) if mode is RuntimeMode.FULL \
-            else num_reqs
-        plan = StepPlan(num_tokens, num_reqs, padded_tokens, padded_reqs, mode, out.uniform_decode)
+        plan = StepPlan(num_tokens, num_reqs, num_tokens, num_reqs, RuntimeMode.NONE,
+                        out.uniform_decode)
         pos = 0
         b.np_query_start_loc[0] = 0
         ids, positions, slots = b.np_input_ids, b.np_positions, b.np_slot_mapping
@@ -322,10 +359,21 @@ class ModelRunner:
             pos += n
             b.np_query_start_loc[row + 1] = pos
             if s.sample:
-                b.np_logits_indices[len(plan.sample_rows)] = pos - 1
+                if self.speculative is not None:
+                    self._stage_verify(plan, s, pos)
+                else:
+                    b.np_logits_indices[plan.num_logits] = pos - 1
+                    plan.num_logits += 1
                 plan.sample_rows.append(row)
                 plan.sample_ids.append(s.request_id)
-        self._pad(num_tokens, num_reqs, padded_tokens, padded_reqs)
+        q = 1 if out.uniform_decode else self._uniform_query_len(num_reqs)
+        plan.mode, plan.desc = self._dispatch(num_tokens, q)
+        plan.padded_tokens = plan.desc.num_tokens
+        # A full graph is shaped by its request count too: pad requests to a fixed count.
+        if plan.mode is RuntimeMode.FULL:
+            plan.padded_reqs = plan.desc.num_reqs(self.max_num_seqs)
+        self._pad(num_tokens, num_reqs, plan.padded_tokens, plan.padded_reqs,
+                  max(1, plan.desc.uniform_query_len))
         if self.lora_manager is not None:
             self._stage_lora(lora_spans)
         return plan
@@ -338,6 +386,20 @@ class ModelRunner:
         for pos, n, lora_id in spans:
             self.buffers.np_lora_slots[pos:pos + n] = lora.slot_of(lora_id)
 
+    def _stage_verify(self, plan: StepPlan, s: object, end: int) -> None:
+        """Logits rows of a sampled request in a speculative engine: one per draft (checked
+        against it) and the bonus row, at the last ``1 + d`` positions of its query."""
+        b, d, row0 = self.verify_buffers, s.num_draft_tokens, plan.num_logits
+        if d:
+            b.np_logits_indices[row0:row0 + d + 1] = np.arange(end - 1 - d, end)
+            b.np_draft_ids[row0:row0 + d] = s.new_token_ids[-d:]
+        else:
+            b.np_logits_indices[row0] = end - 1
+        b.np_draft_ids[row0 + d] = NO_DRAFT
+        plan.spec_starts.append(row0)
+        plan.logit_ids += [s.request_id] * (d + 1)
+        plan.num_logits = row0 + d + 1
+
     def _write_block_row(self, row: int, st: RequestState) -> None:
         """Rows are rewritten only when a request moved rows; otherwise only new blocks go in.
         (Stale ids beyond a request's blocks are never read: lengths bound every access.)"""
@@ -349,9 +411,11 @@ class ModelRunner:
             table[row, st.row_blocks:len(st.block_ids)] = st.block_ids[st.row_blocks:]
             st.row_blocks = len(st.block_ids)
 
-    def _pad(self, num_tokens: int, num_reqs: int, padded_tokens: int, padded_reqs: int) -> None:
+    def _pad(self, num_tokens: int, num_reqs: int, padded_tokens: int, padded_reqs: int,
+             tokens_per_req: int = 1) -> None:
         """Padding contract: padded tokens write nowhere (slot -1); padded requests have no
-        context (seq_len 0) and take one padded token each while any remain."""
+        context (seq_len 0) and take ``tokens_per_req`` padded tokens each (1, or 1 + k in a
+        verify graph) while any remain."""
         b = self.buffers
         b.np_slot_mapping[num_tokens:padded_tokens] = -1
         b.np_lora_slots[num_tokens:padded_tokens] = NO_SLOT
@@ -359,19 +423,22 @@ class ModelRunner:
         b.np_positions[num_tokens:padded_tokens] = 0
         extra = padded_reqs - num_reqs
         if extra > 0:
-            takes = np.minimum(np.arange(1, extra + 1), padded_tokens - num_tokens)
+            takes = np.minimum(np.arange(1, extra + 1) * tokens_per_req,
+                               padded_tokens - num_tokens)
             b.np_query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + takes
             b.np_seq_lens[num_reqs:padded_reqs] = 0
             b.np_block_table[num_reqs:padded_reqs] = 0
             self._row_owners[num_reqs:padded_reqs] = [None] * extra
 
-    def stage_dummy(self, num_tokens: int, num_reqs: int, uniform_decode: bool,
-                    mode: RuntimeMode) -> StepPlan:
-        """Stage a synthetic batch (for warm-up and capture): request 0 takes the surplus
-        tokens, the others one each; no context, nothing written to the cache."""
+    def stage_dummy(self, desc: BatchDescriptor, mode: RuntimeMode) -> StepPlan:
+        """Stage a synthetic batch shaped like graph key ``desc`` (for warm-up and capture):
+        every request takes the key's query length (1 when mixed), request 0 the surplus;
+        no context, nothing written to the cache."""
         b = self.buffers
-        lens = np.ones(num_reqs, dtype=np.int64)
-        lens[0] += num_tokens - num_reqs
+        num_tokens, num_reqs = desc.num_tokens, desc.num_reqs(self.max_num_seqs)
+        q = max(1, desc.uniform_query_len)
+        lens = np.full(num_reqs, q, dtype=np.int64)
+        lens[0] += num_tokens - q * num_reqs
         b.np_query_start_loc[0] = 0
         b.np_query_start_loc[1:num_reqs + 1] = np.cumsum(lens)
         b.np_seq_lens[:num_reqs] = lens
@@ -382,7 +449,8 @@ class ModelRunner:
         b.np_slot_mapping[:num_tokens] = -1
         b.np_lora_slots[:num_tokens] = NO_SLOT
         b.np_logits_indices[:num_reqs] = np.cumsum(lens) - 1
-        plan = StepPlan(num_tokens, num_reqs, num_tokens, num_reqs, mode, uniform_decode)
+        plan = StepPlan(num_tokens, num_reqs, num_tokens, num_reqs, mode, desc.uniform_decode,
+                        desc)
         self.buffers.copy_to_device(num_reqs)
         return plan
 
@@ -435,7 +503,7 @@ class ModelRunner:
             return PendingOutput.empty()
         k = len(plan.sample_rows)
         logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
-        self._mask_min_tokens(logits, plan)
+        self._mask_min_tokens(logits, plan, range(k))
         res = self.sampler(logits, meta)
         self._prev_sampled = res.sampled_token_ids
         self._prev_rows = {rid: i for i, rid in enumerate(plan.sample_ids)}
@@ -449,11 +517,14 @@ class ModelRunner:
             event.record()
         return PendingOutput(self, plan.sample_ids, host, event, res)
 
-    def _mask_min_tokens(self, logits: torch.Tensor, plan: StepPlan) -> None:
-        """Below ``min_tokens`` outputs, EOS and stop tokens cannot be drawn (as in vLLM)."""
+    def _mask_min_tokens(self, logits: torch.Tensor, plan: StepPlan,
+                         first_rows: Iterable[int]) -> None:
+        """Below ``min_tokens`` outputs, EOS and stop tokens cannot be drawn (as in vLLM).
+        Such a request has one logits row (the scheduler drafts nothing for it):
+        ``first_rows`` holds each sampled request's."""
         rows: list[int] = []
         cols: list[int] = []
-        for i, rid in enumerate(plan.sample_ids):
+        for i, rid in zip(first_rows, plan.sample_ids, strict=True):
             st = self.states[rid]
             # token_ids holds the prompt and the outputs so far (a pending one included).
             if st.min_tokens_stop_ids and len(st.token_ids) - st.prompt_len < st.params.min_tokens:
@@ -463,9 +534,55 @@ class ModelRunner:
             idx = torch.tensor([rows, cols], dtype=torch.int64).to(self.device, non_blocking=True)
             logits[idx[0], idx[1]] = float("-inf")
 
+    def _sample_spec(self, plan: StepPlan, hidden: torch.Tensor,
+                     meta: SamplingMetadata | None) -> PendingOutput:
+        """Score every logits row (drafts and bonus), rejection-sample, one copy back."""
+        if meta is None:
+            return PendingOutput.empty()
+        r = plan.num_logits
+        b = self.verify_buffers
+        logits = self.model.compute_logits(hidden[b.logits_indices[:r]]).float()
+        self._mask_min_tokens(logits, plan, plan.spec_starts)
+        res = rejection_sample(logits, b.draft_ids[:r], meta)
+        self._host_ids_flip ^= 1
+        host = self._host_ids[self._host_ids_flip][:2 * r]
+        host[:r].copy_(res.token_ids, non_blocking=True)
+        host[r:].copy_(res.accepted, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingOutput(self, plan.sample_ids, host, event, res, plan.spec_starts)
+
+    def _finish_spec(self, pending: PendingOutput) -> ModelRunnerOutput:
+        """Each request's accepted drafts and the token after them, with logprobs."""
+        rows = pending.host_ids.numpy()
+        r = len(rows) // 2
+        starts = np.asarray(pending.spec_starts)
+        counts = num_accepted(rows[r:].astype(bool), starts) + 1
+        ids = rows[:r].tolist()
+        spans = [(int(a), int(a + n)) for a, n in zip(starts, counts, strict=True)]
+        tokens = [ids[a:e] for a, e in spans]
+        res = pending.sampler_output
+        logprobs = None
+        if res.logprobs is not None:
+            lp_ids, lp_vals = res.logprob_token_ids.tolist(), res.logprobs.tolist()
+            logprobs = []
+            for rid, (a, e) in zip(pending.request_ids, spans, strict=True):
+                st = self.states.get(rid)
+                want = st.params.logprobs if st is not None else None
+                logprobs.append([[] if want is None else
+                                 list(zip(lp_ids[j][:want + 1], lp_vals[j][:want + 1],
+                                          strict=True)) for j in range(a, e)])
+        return ModelRunnerOutput(pending.request_ids, [t[0] for t in tokens],
+                                 [lp[0] for lp in logprobs] if logprobs is not None else None,
+                                 tokens, logprobs)
+
     def _finish(self, pending: PendingOutput) -> ModelRunnerOutput:
         if pending.event is not None:
             pending.event.synchronize()
+        if pending.spec_starts is not None:
+            return self._finish_spec(pending)
         ids = pending.host_ids.tolist()
         for rid, tok in zip(pending.request_ids, ids, strict=True):
             st = self.states.get(rid)
@@ -487,7 +604,9 @@ class ModelRunner:
 
     def _sampling_metadata(self, plan: StepPlan) -> SamplingMetadata:
         """Stage the step's sampling parameters; their copies are queued before the forward."""
-        states = [self.states[rid] for rid in plan.sample_ids]
+        # One row per logits row: a verifying request's parameters repeat over its rows, and
+        # its seeded generator serves them in order.
+        states = [self.states[rid] for rid in plan.logit_ids or plan.sample_ids]
         ps = [st.params for st in states]
         k = len(ps)
         rows = {name: [getattr(p, name) for p in ps] for name in SamplingBuffers.FLOAT_FIELDS}
@@ -562,6 +681,12 @@ class ModelRunner:
             "pool_mib": round(pool_mib, 1), "kv_blocks": self.num_blocks,
             "block_size": self.block_size,
         }
+        spec = self.speculative
+        if spec is not None:
+            verify = [k for k in self.graph_runner.full if k.uniform_query_len > 1] \
+                if self.graph_runner is not None else []
+            self.graph_stats["speculative"] = f"{spec.method}:k={spec.num_speculative_tokens}"
+            self.graph_stats["verify_graphs"] = len(verify)
         return " ".join(f"{k}={v}" for k, v in self.graph_stats.items())
 
     # -- RL: new weights, and the device lent to a trainer (loader/update.py, sleep.py) ----
