@@ -7,7 +7,8 @@ loads the block's slot ids, and if any token there uses its slot it multiplies t
 them. A token block of one adapter (the common case) costs one dense tile; blocks mixing
 adapters cost one tile per adapter present; programs whose slot is absent exit after one
 load. The grid depends only on shapes, never on which slots are in use, so a captured CUDA
-graph serves any mix of adapters. Slot -1 (no adapter) matches no program: those rows of
+graph serves any mix of adapters. The reduction length (hidden size, rank) is a compile-time
+constant: a handful of values per model, and loops of known trip count. Slot -1 (no adapter) matches no program: those rows of
 ``h`` are never written nor read, and ``y`` keeps its base value.
 """
 
@@ -28,7 +29,7 @@ BLOCK_K = 64
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, num_tokens, n, k,
+def _shrink_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, num_tokens, n, k: tl.constexpr,
                    stride_xt, stride_xk, stride_al, stride_an, stride_ak,
                    stride_ht, stride_hn,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -53,7 +54,7 @@ def _shrink_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, num_tokens, n, k,
 
 
 @triton.jit
-def _expand_kernel(h_ptr, b_ptr, slots_ptr, y_ptr, num_tokens, m, r,
+def _expand_kernel(h_ptr, b_ptr, slots_ptr, y_ptr, num_tokens, m, r: tl.constexpr,
                    stride_ht, stride_hr, stride_bl, stride_bm, stride_br,
                    stride_yt, stride_ym,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
