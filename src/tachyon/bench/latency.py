@@ -136,6 +136,7 @@ def _run_child(name: str, argv: list[str]) -> dict[str, Any]:
 def _child(ns: argparse.Namespace) -> None:
     import time
 
+    from tachyon.engine.core import spec_delta
     from tachyon.engine.llm_engine import LLMEngine
     from tachyon.sampling_params import SamplingParams
 
@@ -161,9 +162,13 @@ def _child(ns: argparse.Namespace) -> None:
         _prefill(engine, set(ids))
         for _ in range(WARMUP_STEPS):
             engine.step()
+        spec_before = dict(engine.scheduler.spec_counts)
         times = [timer(engine.step) for _ in range(ns.steps)]
         engine.abort_request(ids)
         per_batch[str(b)] = {"median_ms": statistics.median(times), "min_ms": min(times)}
+        if engine.config.speculative is not None:
+            # A step emits several tokens per request when drafts are accepted.
+            per_batch[str(b)].update(spec_delta(spec_before, engine.scheduler.spec_counts))
     data = {"mode": mode, "piecewise_backend": piecewise, "startup_s": startup,
             "device": device_name(engine.config.device), "load_format":
             engine.config.model.load_format, "timer": "cuda events"
@@ -215,6 +220,10 @@ def _print_table(report: dict[str, Any]) -> None:
         # A mode the device or backend cannot run is downgraded (CPU: always NONE).
         ran = r["engine"].get("cudagraph_mode", "?")
         print(f"{name:<22}" + "".join(f"{c:>18}" for c in cells) + f"{cap:>11}  {ran}")
+        if "spec_acceptance_rate" in r["steps"][bs[0]]:  # speculation: tokens per step vary
+            cells = [f"{r['steps'][b]['spec_acceptance_rate']:.2f} / "
+                     f"{r['steps'][b]['spec_mean_accepted_length']:.2f}" for b in bs]
+            print(f"{'  accepted / length':<22}" + "".join(f"{c:>18}" for c in cells))
     for name, reason in report["failed"].items():
         print(f"{name:<22} FAILED: {reason}")
 

@@ -67,6 +67,7 @@ def _run(ns: argparse.Namespace, argv: list[str] | None) -> None:
     if ns.num_prompts < 1 or min(ns.input_len + ns.output_len) < 1:
         raise ValueError("--num-prompts, --input-len and --output-len must be >= 1")
     from tachyon import LLM, SamplingParams
+    from tachyon.engine.core import spec_delta
 
     t0 = time.perf_counter()
     llm = LLM.from_engine_args(bench_engine_args(ns))
@@ -79,6 +80,7 @@ def _run(ns: argparse.Namespace, argv: list[str] | None) -> None:
               for m in max_tokens]
     llm.generate(prompts[:WARMUP_PROMPTS], SamplingParams(max_tokens=WARMUP_TOKENS,
                                                           ignore_eos=True), use_tqdm=False)
+    spec_before = dict(engine.scheduler.spec_counts)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
     seconds = time.perf_counter() - start
@@ -94,6 +96,8 @@ def _run(ns: argparse.Namespace, argv: list[str] | None) -> None:
         "startup_s": startup_s, "preemptions": engine.stats.get("preemptions"),
         "argv": argv,
     }
+    if engine.config.speculative is not None:
+        result["speculative"] = spec_delta(spec_before, engine.scheduler.spec_counts)
     if engine.config.device == "cuda":
         result.update(_floor(engine, prompts, max_tokens, out_tokens, seconds,
                              ns.tensor_parallel_size))
@@ -121,6 +125,11 @@ def _print_table(r: dict[str, Any]) -> None:
     rows = [("device", r["device"]), ("model", r["model"]), ("weights", r["load_format"]),
             ("output tokens", r["output_tokens"]), ("prompt tokens", r["prompt_tokens"]),
             ("seconds", f"{r['seconds']:.2f}"), ("tok/s", f"{r['tok_per_s']:.0f}")]
+    if "speculative" in r:
+        spec = r["speculative"]
+        rows += [("speculative", r["engine"]["speculative"]),
+                 ("acceptance rate", f"{spec['spec_acceptance_rate']:.3f}"),
+                 ("mean accepted length", f"{spec['spec_mean_accepted_length']:.2f}")]
     if "floor_tok_per_s" in r:
         rows += [("copy bandwidth GB/s", f"{r['copy_bandwidth_gbs']:.0f}"),
                  ("floor tok/s", f"{r['floor_tok_per_s']:.0f}"),
