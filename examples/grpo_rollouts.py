@@ -14,11 +14,18 @@ same HF model object is trained with plain PyTorch. Each step:
 5. ``llm.update_weights(model.named_parameters())`` pushes the new weights into the running
    engine, in place.
 
+With ``--lora`` only a PEFT LoRA adapter is trained (the base weights stay frozen), as
+Unsloth's ``fast_inference`` runs it: tachyon samples with the adapter
+(``generate(..., lora_request=...)``) and step 5 becomes
+``llm.update_lora(lora_request, get_peft_model_state_dict(model))``, a copy of the adapter
+alone into its GPU slot.
+
 It prints the mean reward per step, which rises, and the largest gap between tachyon's
 logprob of a sampled token and the trainer's: float noise only, because the engine samples
 from exactly the weights being trained.
 
     python examples/grpo_rollouts.py --steps 15
+    python examples/grpo_rollouts.py --steps 15 --lora
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from tachyon import LLM, SamplingParams
+from tachyon import LLM, LoRARequest, SamplingParams
 
 # The policy: small enough that a step (sampling, training, weight sync) takes well under a
 # second on one CPU core; 2 layers so attention and the MLP both learn.
@@ -42,6 +49,9 @@ TINY_LLAMA = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
                   bos_token_id=0, eos_token_id=1)
 # Std of each group's rewards is divided by this much at least: all-equal groups give 0.
 ADVANTAGE_EPS = 1e-4
+# The --lora adapter: every projection, rank 8, alpha 64 (scale 8: a few steps move the policy).
+LORA_RANK, LORA_ALPHA = 8, 64
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-token", type=int, default=7, help="the token the reward counts")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", action="store_true",
+                   help="train only a LoRA adapter and push it with update_lora")
     return p.parse_args(argv)
 
 
@@ -76,6 +88,19 @@ def write_policy(root: Path, seed: int) -> tuple[Path, torch.nn.Module]:
     path = root / "policy"
     model.save_pretrained(path, safe_serialization=True)
     return path, model
+
+
+def add_lora_adapter(model: torch.nn.Module, root: Path) -> tuple[torch.nn.Module, Path]:
+    """Wrap the policy in a trainable PEFT LoRA adapter (base frozen) and save the adapter
+    as tachyon reads it; PEFT starts B at zero, so the adapter starts as a no-op."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                                                  target_modules=LORA_TARGETS,
+                                                  lora_dropout=0.0))
+    path = root / "adapter"
+    peft_model.save_pretrained(path, safe_serialization=True)
+    return peft_model, path
 
 
 def reward(tokens: list[int], target: int) -> float:
@@ -98,15 +123,15 @@ def token_logprobs(model: torch.nn.Module, prompts: torch.Tensor,
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, completions[..., None])[..., 0]
 
 
-def rollout(llm: LLM, prompts: list[list[int]], args: argparse.Namespace,
-            step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rollout(llm: LLM, prompts: list[list[int]], args: argparse.Namespace, step: int,
+            lora: LoRARequest | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G completions per prompt: (token ids [prompts * G, T], tachyon's logprobs of them)."""
     g = args.group_size
     params = [SamplingParams(n=g, temperature=1.0, max_tokens=args.max_tokens,
                              ignore_eos=True, logprobs=0,
                              seed=args.seed * 1_000_003 + (step * len(prompts) + i) * g)
               for i in range(len(prompts))]
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
     samples = [c for o in outs for c in o.outputs]
     tokens = torch.tensor([c.token_ids for c in samples])
     logprobs = torch.tensor([[lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
@@ -118,25 +143,44 @@ def train(args: argparse.Namespace) -> list[StepStats]:
     g_prompts = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(2, VOCAB_SIZE, (args.prompts, args.prompt_len),
                             generator=g_prompts)
+    # The adapter's directory stays for the run: update_lora reads its adapter_config.json.
     with tempfile.TemporaryDirectory() as tmp:
         path, model = write_policy(Path(tmp), args.seed)
+        lora_kw, lora = {}, None
+        if args.lora:
+            model, adapter = add_lora_adapter(model, Path(tmp))
+            lora = LoRARequest("policy", 1, str(adapter))
+            lora_kw = dict(enable_lora=True, max_lora_rank=LORA_RANK)
         llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=64,
-                  max_num_seqs=args.prompts * args.group_size, kv_cache_memory="8MiB")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    history = []
-    try:
-        for step in range(args.steps):
-            history.append(one_step(llm, model, optimizer, prompts, args, step))
-            print(format_stats(history[-1]), flush=True)
-    finally:
-        llm.shutdown()
+                  max_num_seqs=args.prompts * args.group_size, kv_cache_memory="8MiB",
+                  **lora_kw)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=args.lr)
+        history = []
+        try:
+            for step in range(args.steps):
+                history.append(one_step(llm, model, optimizer, prompts, args, step, lora))
+                print(format_stats(history[-1]), flush=True)
+        finally:
+            llm.shutdown()
     return history
 
 
+def push_weights(llm: LLM, model: torch.nn.Module, lora: LoRARequest | None) -> None:
+    """The whole state dict, or with LoRA only the adapter's A and B."""
+    if lora is None:
+        llm.update_weights(model.named_parameters())
+        return
+    from peft import get_peft_model_state_dict
+
+    llm.update_lora(lora, get_peft_model_state_dict(model))
+
+
 def one_step(llm: LLM, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             prompts: torch.Tensor, args: argparse.Namespace, step: int) -> StepStats:
+             prompts: torch.Tensor, args: argparse.Namespace, step: int,
+             lora: LoRARequest | None = None) -> StepStats:
     start = time.perf_counter()
-    completions, engine_logprobs = rollout(llm, prompts.tolist(), args, step)
+    completions, engine_logprobs = rollout(llm, prompts.tolist(), args, step, lora)
     sampled = time.perf_counter()
     rewards = torch.tensor([reward(c, args.target_token) for c in completions.tolist()])
     advantages = group_advantages(rewards.view(args.prompts, args.group_size)).flatten()
@@ -149,7 +193,7 @@ def one_step(llm: LLM, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     loss.backward()
     optimizer.step()
     trained = time.perf_counter()
-    llm.update_weights(model.named_parameters())
+    push_weights(llm, model, lora)
     synced = time.perf_counter()
     return StepStats(step, float(rewards.mean()), gap, sampled - start, trained - sampled,
                      synced - trained)

@@ -25,3 +25,23 @@ def test_grpo_example_reward_rises() -> None:
     assert last - first > MIN_RISE, f"rewards per step: {rewards}"
     gaps = [s.max_logprob_gap for s in history]
     assert max(gaps) < MAX_LOGPROB_GAP, f"logprob gaps per step: {gaps}"
+
+
+# --lora, seed 0, lr 1e-2: 0.047 -> 0.133 over 8 steps (the base model cannot change, and the
+# target token's logit moves only through the adapted projections). The logprob gap is the
+# sharper check: an adapter push that never reached its slot leaves the engine sampling from
+# the previous adapter, off the trainer by far more than float noise from step 1 on.
+LORA_STEPS = 8
+LORA_MIN_RISE = 0.04
+
+
+def test_grpo_example_lora_reward_rises() -> None:
+    example = runpy.run_path(str(EXAMPLE))
+    args = example["parse_args"]([f"--steps={LORA_STEPS}", "--prompts=2", "--lr=1e-2",
+                                  "--seed=0", "--lora"])
+    history = example["train"](args)
+    rewards = [s.mean_reward for s in history]
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert last - first > LORA_MIN_RISE, f"rewards per step: {rewards}"
+    gaps = [s.max_logprob_gap for s in history]
+    assert max(gaps) < MAX_LOGPROB_GAP, f"logprob gaps per step: {gaps}"
