@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import msgspec
 import zmq
@@ -89,6 +90,7 @@ class CoreLoop:
         self.parent_pid = parent_pid
         self.enc = msgspec.msgpack.Encoder()
         self.dec = msgspec.msgpack.Decoder(CoreInput)
+        self.step_seconds = 0.0  # inside core.step(): what the loop adds is the rest
 
     def run(self) -> None:
         core = self.core
@@ -101,7 +103,11 @@ class CoreLoop:
             rejected: dict[str, str] = {}
             if not self._apply_inputs(rejected):
                 return
-            events = core.step() if core.has_unfinished_requests() else []
+            events = []
+            if core.has_unfinished_requests():
+                start = time.perf_counter()
+                events = core.step()
+                self.step_seconds += time.perf_counter() - start
             self.out.send(self.enc.encode(self._outputs(events, rejected)), copy=False)
 
     def _apply_inputs(self, rejected: dict[str, str]) -> bool:
@@ -150,4 +156,4 @@ class CoreLoop:
         return CoreStats(sched.num_running, sched.num_waiting, kv.num_free_blocks,
                          kv.pool.num_blocks, kv.prefix_queries, kv.prefix_hits,
                          core.stats["generation_tokens"], core.stats["preemptions"],
-                         core.stats["steps"])
+                         core.stats["steps"], self.step_seconds)

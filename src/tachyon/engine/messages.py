@@ -47,6 +47,7 @@ class CoreStats(msgspec.Struct, array_like=True, gc=False):
     generation_tokens: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    step_seconds: float = 0.0  # wall time inside EngineCore.step(), since start
 
     @property
     def kv_cache_usage(self) -> float:

@@ -53,6 +53,8 @@ class _EngineCollector(Collector):
              s.prefix_cache_hits),
             ("num_preemptions", "Requests preempted for lack of KV blocks.", s.num_preemptions),
             ("engine_steps", "Steps the engine core ran.", s.num_steps),
+            ("engine_step_seconds", "Wall time the engine core spent inside its steps.",
+             s.step_seconds),
         ):
             yield CounterMetricFamily(f"tachyon:{name}", doc, value=value)
 
