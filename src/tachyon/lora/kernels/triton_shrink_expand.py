@@ -8,8 +8,9 @@ them. A token block of one adapter (the common case) costs one dense tile; block
 adapters cost one tile per adapter present; programs whose slot is absent exit after one
 load. The grid depends only on shapes, never on which slots are in use, so a captured CUDA
 graph serves any mix of adapters. The reduction length (hidden size, rank) is a compile-time
-constant: a handful of values per model, and loops of known trip count. Slot -1 (no adapter) matches no program: those rows of
-``h`` are never written nor read, and ``y`` keeps its base value.
+constant: a handful of values per model, and loops of known trip count. Slot -1 (no
+adapter) matches no program: those rows of ``h`` are never written nor read, and ``y`` keeps
+its base value.
 """
 
 from __future__ import annotations
