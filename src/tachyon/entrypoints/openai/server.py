@@ -196,9 +196,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     sock = bind_socket(ns.host, ns.port)
     try:
-        return asyncio.run(_run(ns, engine_args, sock))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_run(ns, engine_args, sock))
     finally:
         sock.close()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop where it is installed (uvicorn's own choice, which running the server inside
+    our loop would otherwise lose): every streamed token is a write on this loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
 
 async def _run(ns: argparse.Namespace, engine_args: EngineArgs, sock: socket.socket) -> int:
