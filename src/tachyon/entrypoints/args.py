@@ -29,12 +29,8 @@ class Parser(argparse.ArgumentParser):
     """Errors are one line on stderr and exit status 2: no usage dump, no traceback."""
 
     def error(self, message: str) -> typing.NoReturn:
-        fail(message)
-
-
-def fail(message: str) -> typing.NoReturn:
-    print(f"tachyon: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+        print(f"tachyon: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
