@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tachyon.config import EngineArgs
+from tachyon.sampling_params import SamplingParams
 
 EXIT_USAGE = 2
 # difflib similarity above which an unknown option is taken for a typo of a known one.
@@ -97,12 +98,11 @@ def _add_field(group: Any, f: dataclasses.Field, hint: Any, default: Any,
     meta = f.metadata
     shown = _show(default) if default is not None else meta.get("default_help", "none")
     help_text = f"{meta['help']}{'; ' + note if note else ''} (default: {shown})"
-    # A boolean flag comes with its negation: --enforce-eager / --no-enforce-eager.
     names = [flag_name(f.name), *meta.get("aliases", ())]
     kwargs: dict[str, Any] = {"dest": f.name, "default": default,
                               "help": help_text.replace("%", "%%")}
     scalar = _scalar_type(hint)
-    if scalar is bool:
+    if scalar is bool:  # with its negation: --enforce-eager / --no-enforce-eager
         names.insert(1, flag_name("no_" + f.name))
         group.add_argument(*names, action=Toggle, **kwargs)
         return
@@ -165,8 +165,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                    help="tokens to generate before EOS or a stop may end the reply "
                         "(default: %(default)s)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
-                   help="divide the logits of tokens already seen by this "
-                        "(default: %(default)s: off)")
+                   help="penalize tokens already in the prompt or the reply; above 1 "
+                        "discourages repeats (default: %(default)s: off)")
     g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
                    help="subtract this from the logits of tokens already generated "
                         "(default: %(default)s: off)")
@@ -180,9 +180,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                    help="keep generating after the end-of-sequence token (default: off)")
 
 
-def sampling_params_from(ns: argparse.Namespace) -> Any:
-    from tachyon.sampling_params import SamplingParams
-
+def sampling_params_from(ns: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
         seed=ns.request_seed, max_tokens=ns.max_tokens, min_tokens=ns.min_tokens,

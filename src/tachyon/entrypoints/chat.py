@@ -103,7 +103,8 @@ def run_chat(args: EngineArgs, params: SamplingParams, system: str | None) -> in
     base: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     print(HELP, file=sys.stderr)
-    for turn in itertools.count():
+    turns = itertools.count()
+    while True:
         line = _read_line()
         if line is None or line in ("/exit", "/quit"):
             return 0
@@ -114,8 +115,8 @@ def run_chat(args: EngineArgs, params: SamplingParams, system: str | None) -> in
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = stream_reply(engine, f"chat-{turn}", apply_chat_template(tok, messages),
-                                 params, _write)
+            reply = stream_reply(engine, f"chat-{next(turns)}",
+                                 apply_chat_template(tok, messages), params, _write)
         except ValueError as e:  # e.g. the conversation outgrew max_model_len
             messages.pop()
             print(f"\ntachyon: error: {e}", file=sys.stderr)
@@ -125,7 +126,6 @@ def run_chat(args: EngineArgs, params: SamplingParams, system: str | None) -> in
             messages.append({"role": "assistant", "content": reply.text})
         else:  # stopped before a word: as if the message had not been sent
             messages.pop()
-    return 0
 
 
 def _read_line() -> str | None:

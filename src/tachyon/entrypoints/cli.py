@@ -36,7 +36,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ONE_REQUEST = {"max_num_seqs": 1}
 # Idle OpenMP threads sleep instead of spinning. On a CPU whose cores other processes also
 # use, spinning threads starve the ones doing the work: on the 2-core machine at load 5, a
-# one-token generate took 2.4-3.3 s spinning and 0.10-0.17 s passive, 32 tokens 32-48 s
+# warm one-token generate took 2.4-3.3 s spinning and 0.10-0.17 s passive, 32 tokens 32-48 s
 # against 3.2-4.7 s (docs/performance.md). Set OMP_WAIT_POLICY to override.
 OMP_WAIT_POLICY = "PASSIVE"
 
