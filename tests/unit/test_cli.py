@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tachyon.bench import latency, throughput
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine
 from tachyon.entrypoints import chat
@@ -85,8 +86,11 @@ def _visible_actions(parser: argparse.ArgumentParser) -> Iterator[tuple[str, arg
             yield a.option_strings[0], a
 
 
-def test_every_flag_has_help_with_its_default() -> None:
-    undocumented = [name for name, a in _visible_actions(build_parser())
+@pytest.mark.parametrize("parser", [build_parser, latency.build_parser,
+                                    throughput.build_parser], ids=["tachyon", "latency",
+                                                                   "throughput"])
+def test_every_flag_has_help_with_its_default(parser: Any) -> None:
+    undocumented = [name for name, a in _visible_actions(parser())
                     if not a.help or "default" not in a.help]
     assert undocumented == []
 

@@ -92,7 +92,8 @@ def add_output_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--plot", default=f"bench_results/{kind}.png", metavar="PATH",
                    help="write a PNG of the results here (default: %(default)s)")
     p.add_argument("--no-plot", dest="plot", action="store_const", const=None,
-                   help="write no PNG (the PNG needs matplotlib: pip install tachyon[bench])")
+                   help="write no PNG, which needs matplotlib: pip install 'tachyon[bench]' "
+                        "(default: write it)")
 
 
 def bench_engine_args(ns: argparse.Namespace) -> EngineArgs:
