@@ -114,9 +114,7 @@ class AsyncLLM:
     @classmethod
     async def create(cls, args: EngineArgs) -> AsyncLLM:
         """Start the core and load the tokenizer. Raises ``ValueError`` if either fails."""
-        holder: list[AsyncLLM] = []
-        client = CoreClient(args, lambda out: holder[0]._on_output(out),
-                            lambda why: holder[0]._on_dead(why))
+        client = CoreClient(args)
         try:
             ready = await client.start()
             tokenizer = None
@@ -125,8 +123,9 @@ class AsyncLLM:
         except BaseException:
             await client.shutdown()
             raise
-        holder.append(cls(client, ready, tokenizer))
-        return holder[0]
+        llm = cls(client, ready, tokenizer)
+        client.listen(llm._on_output, llm._on_dead)
+        return llm
 
     @property
     def is_running(self) -> bool:

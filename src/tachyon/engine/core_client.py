@@ -1,8 +1,8 @@
 """The API process's end of the engine core: spawn it, talk to it, notice when it dies.
 
 ``CoreClient.start()`` binds two ipc sockets, spawns ``run_engine_core`` and waits for
-``CoreReady`` (or the reason it failed). Afterwards ``send`` never blocks (no high-water
-mark) and a reader task hands every ``StepOutputs`` to ``on_output``. The process's sentinel
+``CoreReady`` (or the reason it failed); ``listen`` then starts a reader task that hands every
+``StepOutputs`` to ``on_output``. ``send`` never blocks (no high-water mark). The process's sentinel
 is watched by the event loop: when the core dies unasked, ``on_dead`` runs once with why.
 """
 
@@ -42,11 +42,10 @@ class EngineDeadError(RuntimeError):
 
 
 class CoreClient:
-    def __init__(self, args: EngineArgs, on_output: Callable[[StepOutputs], None],
-                 on_dead: Callable[[str], None]) -> None:
+    def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        self._on_output = on_output
-        self._on_dead = on_dead
+        self._on_output: Callable[[StepOutputs], None] = _ignore
+        self._on_dead: Callable[[str], None] = _ignore
         self._dir = tempfile.TemporaryDirectory(prefix="tachyon-core-")
         self._ctx = zmq.asyncio.Context()
         self._enc = msgspec.msgpack.Encoder()
@@ -95,9 +94,16 @@ class CoreClient:
             self._proc.join(SHUTDOWN_JOIN_SECONDS)
             raise ValueError(msg.message)
         assert isinstance(msg, CoreReady), msg
-        loop.add_reader(self._proc.sentinel, self._sentinel_fired)
-        self._reader = asyncio.create_task(self._read(), name="tachyon-core-reader")
         return msg
+
+    def listen(self, on_output: Callable[[StepOutputs], None],
+               on_dead: Callable[[str], None]) -> None:
+        """After ``start``: hand every step to ``on_output``; ``on_dead(reason)`` once if the
+        core dies unasked (a death since ``start`` is reported at once)."""
+        assert self._proc is not None
+        self._on_output, self._on_dead = on_output, on_dead
+        asyncio.get_running_loop().add_reader(self._proc.sentinel, self._sentinel_fired)
+        self._reader = asyncio.create_task(self._read(), name="tachyon-core-reader")
 
     def send(self, msg: CoreInput) -> None:
         if self.dead is None:
@@ -154,6 +160,10 @@ class CoreClient:
         """Synchronous last resort (interpreter exit): the core must not outlive us."""
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
+
+
+def _ignore(_: object) -> None:
+    pass
 
 
 def _set_once(fut: asyncio.Future[None]) -> None:
