@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tachyon.structured_output.params import StructuredOutputsParams
+
 # The OpenAI API allows at most 20 top logprobs; we allow the same.
 MAX_LOGPROBS = 20
 # Seeds go to torch.Generator.manual_seed and into int64 tensors: [0, 2**63).
@@ -41,6 +43,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (sampled one included)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain the output (a JSON schema, regex, choice or grammar); None: free text.
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:

@@ -73,12 +73,18 @@ class EngineCore:
         check_prompt_ids(req.prompt_token_ids, self.vocab_size, self.config.model.max_model_len)
         if req.params.n != 1:
             raise ValueError("the engine core runs one sample per request (n = 1)")
+        if req.params.structured_outputs is not None and self.config.speculative is not None:
+            # A verify step would need a bitmask per draft position and a matcher rollback.
+            raise ValueError("structured outputs are not supported with speculative decoding "
+                             "yet; serve without --speculative-config for them")
         self.ensure_lora(req.lora_request)
 
     def add_request(self, req: Request) -> None:
         self.scheduler.add_request(req)
         p = req.params
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
+        # Both read the tokens sampled so far when sampling: they need the synchronous path.
+        if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+                or p.structured_outputs is not None):
             self._penalty_requests.add(req.request_id)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:

@@ -63,6 +63,9 @@ class SamplingMetadata:
     # top_p is None, top-k uses torch.topk(max_top_k) instead of a full vocabulary sort. It
     # must be >= every enabled top_k (smaller values would keep too few tokens).
     max_top_k: int | None = field(default=None)
+    # Structured outputs: [B, ceil(V / 32)] int32, bit j of word w allows token 32 w + j
+    # (xgrammar's layout); None when no row is constrained.
+    grammar_bitmask: torch.Tensor | None = field(default=None)
 
 
 @dataclass
@@ -122,6 +125,15 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
             present = (counts > 0).to(torch.float32)
             logits = logits - meta.presence_penalty.to(torch.float32).unsqueeze(1) * present
     return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Tokens whose bit is 0 get ``-inf`` (out of place). Unpacked with shifts on the
+    device: no host round trip, and the same code in every graph mode."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]: arithmetic shift, low bit kept
+    allowed = bits.flatten(1)[:, : logits.shape[-1]].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 # --------------------------------------------------------------------------- truncation
@@ -270,6 +282,8 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = apply_penalties(logits, meta)
+        if meta.grammar_bitmask is not None:
+            logits = apply_token_bitmask(logits, meta.grammar_bitmask)
         logprobs = None
         if meta.max_num_logprobs is not None:
             logprobs = logits.log_softmax(dim=-1)

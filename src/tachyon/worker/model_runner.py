@@ -32,6 +32,7 @@ from tachyon.lora.manager import NO_SLOT, LoRAManager
 from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 from tachyon.spec_decode.rejection import NO_DRAFT, num_accepted, rejection_sample
+from tachyon.structured_output.manager import StructuredOutputManager
 from tachyon.worker.input_buffers import (
     InputBuffers,
     SamplingBuffers,
@@ -173,6 +174,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, RequestState] = {}
         self.vocab_size = int(mc.hf_config.vocab_size)
+        self.structured = StructuredOutputManager(mc.tokenizer_path, self.vocab_size, device)
         self.graph_runner = None  # set by init_graphs (cudagraph package) after the KV cache
         self._compiled_model = None  # torch.compile'd model kept from the trial capture
         self.cudagraph_mode = self._resolve_graph_mode()
@@ -277,6 +279,7 @@ class ModelRunner:
         """
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
+            self.structured.remove(rid)
         if out.is_empty:
             return PendingOutput.empty()
         self.staging_fence.wait()  # the previous step's copies have read the staging buffers
@@ -504,6 +507,9 @@ class ModelRunner:
         k = len(plan.sample_rows)
         logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
         self._mask_min_tokens(logits, plan, range(k))
+        # Filled on the host while the device still runs the forward queued above.
+        meta.grammar_bitmask = self.structured.bitmask(
+            plan.sample_ids, [self.states[rid].params for rid in plan.sample_ids])
         res = self.sampler(logits, meta)
         self._prev_sampled = res.sampled_token_ids
         self._prev_rows = {rid: i for i, rid in enumerate(plan.sample_ids)}
@@ -584,6 +590,7 @@ class ModelRunner:
         if pending.spec_starts is not None:
             return self._finish_spec(pending)
         ids = pending.host_ids.tolist()
+        self.structured.accept(pending.request_ids, ids)
         for rid, tok in zip(pending.request_ids, ids, strict=True):
             st = self.states.get(rid)
             if st is not None and st.placeholder is not None:
