@@ -30,6 +30,8 @@ class ChoiceDelta:
     text: str = ""  # held back while it might begin a stop string
     logprobs: list[dict[int, float]] | None = None  # per token: sampled first, then top-k
     finish_reason: str | None = None  # set on the choice's last delta only
+    # What ended it with "stop": the stop string, or the stop token id (None for EOS).
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -59,7 +61,7 @@ class RequestCollector:
         self.unfinished = num_choices
 
     def put(self, index: int, token_id: int, text: str, logprobs: dict[int, float] | None,
-            finish_reason: str | None) -> None:
+            finish_reason: str | None, stop_reason: int | str | None = None) -> None:
         d = self._pending.get(index)
         if d is None:
             d = self._pending[index] = ChoiceDelta(index)
@@ -71,6 +73,7 @@ class RequestCollector:
             d.logprobs.append(logprobs)
         if finish_reason is not None:
             d.finish_reason = finish_reason
+            d.stop_reason = stop_reason
             self.unfinished -= 1
         self._ready.set()
 
@@ -153,23 +156,25 @@ class OutputProcessor:
         stop string while the core still runs them."""
         now = time.monotonic()
         stats = IterationStats()
-        finished = {f.event: f.reason for f in out.finished}
+        finished = {f.event: f for f in out.finished}
         logprobs = out.logprobs
         stopped = []
         for i, (rid, token) in enumerate(zip(out.request_ids, out.token_ids, strict=True)):
             s = self._samples.get(rid)
             if s is None:
                 continue  # aborted, or stopped by a stop string, while the step ran
-            engine_finish = finished.get(i)
+            fin = finished.get(i)
+            engine_finish = fin.reason if fin is not None else None
             reason, text = engine_finish, ""
+            stop_reason: int | str | None = fin.stop_token if fin is not None else None
             if s.detok is not None:
                 if s.detok.on_token(token, engine_finish):
                     if engine_finish is None:
                         stopped.append(rid)
-                    reason = "stop"
+                    reason, stop_reason = "stop", s.detok.stop_reason
                 text = s.detok.take_delta(reason is not None)
             lps = dict(logprobs[i]) if logprobs and logprobs[i] is not None else None
-            s.collector.put(s.index, token, text, lps, reason)
+            s.collector.put(s.index, token, text, lps, reason, stop_reason)
             if s.last_token_time is None:
                 stats.time_to_first_token.append(now - s.prompt.arrival)
             else:

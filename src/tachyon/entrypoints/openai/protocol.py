@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tachyon.sampling_params import MAX_LOGPROBS, SamplingParams
+from tachyon.structured_output.params import StructuredOutputsParams
 
 # OpenAI's default for /v1/completions when max_tokens is left out.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -169,7 +170,8 @@ def parse_max_tokens(f: Fields) -> int | None:
 
 
 def sampling_params(f: Fields, max_tokens: int | None, logprobs: int | None,
-                    max_n: int) -> SamplingParams:
+                    max_n: int, structured: StructuredOutputsParams | None = None
+                    ) -> SamplingParams:
     """Everything but the token budget and logprobs is read here; ranges are the engine's,
     but for ``n`` (the server's ``--max-n``) and the seed (sample i of n uses seed + i)."""
     n = f.integer("n", 1, lo=1, hi=max_n)
@@ -193,6 +195,7 @@ def sampling_params(f: Fields, max_tokens: int | None, logprobs: int | None,
         logprobs=logprobs,
         skip_special_tokens=f.boolean("skip_special_tokens", True),
         include_stop_str_in_output=f.boolean("include_stop_str_in_output"),
+        structured_outputs=structured,
     )
     try:
         return SamplingParams(**kwargs)
@@ -225,8 +228,9 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS)
     echo = f.boolean("echo")
     if echo and logprobs is not None:
-        raise OpenAIError("'echo' with 'logprobs' is not supported (no prompt logprobs)",
-                          "echo")
+        raise OpenAIError("'echo' with 'logprobs' needs prompt logprobs, which tachyon does "
+                          "not compute yet; drop one of them", "echo")
+    _refuse_prompt_logprobs(f)
     return CompletionRequest(f.string("model"), _prompts(body.get("prompt")),
                              parse_max_tokens(f), echo, logprobs, parse_stream(f), f)
 
@@ -250,6 +254,12 @@ def _prompts(v: Any) -> list[Prompt]:
     raise bad()
 
 
+def _refuse_prompt_logprobs(f: Fields) -> None:
+    if f.get("prompt_logprobs") is not None:
+        raise OpenAIError("'prompt_logprobs' is not supported yet (the engine computes "
+                          "logprobs of sampled tokens only)", "prompt_logprobs")
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     model: str | None
@@ -257,6 +267,7 @@ class ChatRequest:
     max_tokens: int | None
     logprobs: int | None  # top_logprobs when logprobs is true, else None
     add_generation_prompt: bool
+    continue_final_message: bool  # the last (assistant) message is extended, not closed
     stream: StreamOptions
     fields: Fields
 
@@ -267,9 +278,20 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     top = f.integer("top_logprobs", lo=0, hi=MAX_LOGPROBS)
     if top is not None and not want:
         raise OpenAIError("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
-    return ChatRequest(f.string("model"), _messages(body.get("messages")), parse_max_tokens(f),
-                       (top or 0) if want else None, f.boolean("add_generation_prompt", True),
-                       parse_stream(f), f)
+    _refuse_prompt_logprobs(f)
+    messages = _messages(body.get("messages"))
+    cont = f.boolean("continue_final_message")
+    # Continuing a message and opening a new one exclude each other; continuing alone
+    # switches the generation prompt off unless the client asked for both.
+    gen = f.boolean("add_generation_prompt", not cont)
+    if cont and gen:
+        raise OpenAIError("'continue_final_message' and 'add_generation_prompt' cannot both "
+                          "be true", "continue_final_message")
+    if cont and messages[-1]["role"] != "assistant":
+        raise OpenAIError("'continue_final_message' needs the last message to be the "
+                          "assistant's", "continue_final_message")
+    return ChatRequest(f.string("model"), messages, parse_max_tokens(f),
+                       (top or 0) if want else None, gen, cont, parse_stream(f), f)
 
 
 def _messages(v: Any) -> list[dict[str, Any]]:
@@ -279,6 +301,8 @@ def _messages(v: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise OpenAIError("each message must be an object with a string 'role'", "messages")
         content = m.get("content")
+        if content is None and (m.get("tool_calls") or m["role"] == "tool"):
+            continue  # an assistant turn that only called tools
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type", "text") == "text"
                        and isinstance(p.get("text"), str) for p in content):

@@ -1,8 +1,10 @@
 """``tachyon serve``: an OpenAI-compatible HTTP server, FastAPI + uvicorn over ``AsyncLLM``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics. A client that goes away aborts its request at once: streamed responses and
-non-streamed handlers both race the work against the ASGI ``http.disconnect`` message.
+GET /metrics, POST /tokenize, POST /detokenize, GET /version, GET|POST /ping. With an API
+key every route but /health needs it (``auth.APIKeyMiddleware``). A client that goes away
+aborts its request at once: streamed responses and non-streamed handlers both race the
+work against the ASGI ``http.disconnect`` message.
 
 Start-up order: the port is bound first (a bad or busy port fails in a second, before any
 model loads), then the engine core process loads the model, then "serving on" is printed and
@@ -26,14 +28,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from tachyon import __version__
 from tachyon.config import EngineArgs
 from tachyon.engine.async_llm import AsyncLLM
-from tachyon.entrypoints.openai.cli_args import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES
+from tachyon.entrypoints.openai.auth import APIKeyMiddleware
+from tachyon.entrypoints.openai.cli_args import ServerSettings, settings_from
 from tachyon.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from tachyon.entrypoints.openai.protocol import OpenAIError, parse_json_body
 from tachyon.entrypoints.openai.serving_chat import OpenAIServingChat
 from tachyon.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from tachyon.entrypoints.openai.serving_engine import EventStream
+from tachyon.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +148,16 @@ async def _serve(request: Request, handler: Handler, max_bytes: int) -> Response
     return SSEResponse(result)
 
 
-def build_app(llm: AsyncLLM, model_name: str, max_n: int = DEFAULT_MAX_N,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    completions = OpenAIServingCompletion(llm, model_name, max_n)
-    chat = OpenAIServingChat(llm, model_name, max_n)
+def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
+    completions = OpenAIServingCompletion(llm, settings)
+    chat = OpenAIServingChat(llm, settings)
+    tokenization = OpenAIServingTokenization(llm, settings)
     metrics = ServerMetrics(llm)
     created = int(time.time())
+    model_name, max_request_bytes = settings.model_name, settings.max_request_bytes
     app = FastAPI(title="tachyon")
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
 
     @app.post("/v1/completions")
     async def create_completion(request: Request) -> Response:
@@ -175,6 +183,22 @@ def build_app(llm: AsyncLLM, model_name: str, max_n: int = DEFAULT_MAX_N,
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await _serve(request, tokenization.tokenize, max_request_bytes)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await _serve(request, tokenization.detokenize, max_request_bytes)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # SageMaker's liveness probe; unlike /health, behind the key
+        return Response(status_code=200)
 
     return app
 
@@ -218,7 +242,7 @@ async def _run(ns: argparse.Namespace, engine_args: EngineArgs, sock: socket.soc
     llm = await AsyncLLM.create(engine_args)
     try:
         name = ns.served_model_name or ns.model or DEFAULT_SERVED_MODEL_NAME
-        app = build_app(llm, name, ns.max_n, ns.max_request_bytes)
+        app = build_app(llm, settings_from(ns, name))
         config = uvicorn.Config(app, log_level=ns.log_level.lower(), access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
         server = uvicorn.Server(config)

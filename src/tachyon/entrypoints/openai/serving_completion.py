@@ -21,6 +21,7 @@ from tachyon.entrypoints.openai.serving_engine import (
     new_request_id,
     top_logprobs,
 )
+from tachyon.entrypoints.openai.structured import check_structured, parse_structured
 
 
 class CompletionFormatter:
@@ -39,14 +40,14 @@ class CompletionFormatter:
         if self.k is not None and delta.logprobs is not None:
             lps = self._logprobs(delta.token_ids, delta.logprobs, choice)
         return {"index": choice.index, "text": text, "logprobs": lps,
-                "finish_reason": delta.finish_reason}
+                "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
 
     def full_choice(self, choice: Choice) -> dict[str, Any]:
         lps = None
         if self.k is not None:
             lps = self._logprobs(choice.token_ids, choice.logprobs, Choice(0, 0, choice.prefix))
         return {"index": choice.index, "text": choice.text, "logprobs": lps,
-                "finish_reason": choice.finish_reason}
+                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
 
     def _logprobs(self, token_ids: list[int], positions: list[dict[int, float]],
                   cursor: Choice) -> dict[str, list[Any]]:
@@ -72,6 +73,10 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, body: dict[str, Any]) -> dict[str, Any] | EventStream:
         req = parse_completion(body)
         self.check_model(req.model)
+        spec, param = parse_structured(req.fields)
+        if spec is not None:
+            assert param is not None
+            await check_structured(spec, param)
         for p in req.prompts:  # every size check before any tokenizing
             if isinstance(p, str):
                 self.check_text_size(p, "prompt")
@@ -80,7 +85,7 @@ class OpenAIServingCompletion(OpenAIServing):
         max_tokens = min(self.max_tokens_for(len(p), req.max_tokens,
                                              DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
                          for p in prompts)
-        params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n)
+        params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n, spec)
         job = Job(new_request_id("cmpl"), self.model_name, prompts, params, req.stream,
                   self._echo_prefixes(req, prompts))
         return await self.run(job, CompletionFormatter(self, req.logprobs))

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from tachyon import __version__
 from tachyon.engine.async_llm import (
     AsyncLLM,
     ChoiceDelta,
@@ -25,6 +26,7 @@ from tachyon.engine.async_llm import (
     RequestRejected,
     RequestStream,
 )
+from tachyon.entrypoints.openai.cli_args import ServerSettings
 from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, model_not_found
 from tachyon.sampling_params import SamplingParams
 
@@ -35,6 +37,8 @@ MIN_LOGPROB = -9999.0
 # prompt that fits the context has at most this many characters per token. Real tokens are
 # far shorter (about 4 characters of English); whitespace runs in code reach a few dozen.
 MAX_CHARS_PER_TOKEN = 32
+# OpenAI's "system_fingerprint" names the backend configuration; ours, the engine version.
+SYSTEM_FINGERPRINT = f"fp_tachyon_{__version__}"
 
 
 _json = msgspec.json.Encoder()
@@ -57,6 +61,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or token id that ended it
     text_offset: int = 0  # characters of token strings so far (completions logprobs)
 
     @property
@@ -73,6 +78,7 @@ class Choice:
         if delta.logprobs is not None:
             self.logprobs.extend(delta.logprobs)
         self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
 
 
 @dataclass(frozen=True)
@@ -141,10 +147,11 @@ class EventStream:
 
 
 class OpenAIServing:
-    def __init__(self, llm: AsyncLLM, model_name: str, max_n: int) -> None:
+    def __init__(self, llm: AsyncLLM, settings: ServerSettings) -> None:
         self.llm = llm
-        self.model_name = model_name
-        self.max_n = max_n
+        self.settings = settings
+        self.model_name = settings.model_name
+        self.max_n = settings.max_n
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self._token_texts: dict[int, str] = {}
@@ -223,14 +230,15 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise OpenAIError(str(e), status=500, type_="server_error") from None
         return {"id": job.request_id, "object": fmt.object, "created": job.created,
-                "model": job.model, "choices": [fmt.full_choice(c) for c in choices],
+                "model": job.model, "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": [fmt.full_choice(c) for c in choices],
                 "usage": job.usage(choices)}
 
     async def _events(self, job: Job, fmt: Formatter, stream: RequestStream
                       ) -> AsyncGenerator[bytes, None]:
         choices = job.new_choices()
         head = {"id": job.request_id, "object": fmt.chunk_object, "created": job.created,
-                "model": job.model}
+                "model": job.model, "system_fingerprint": SYSTEM_FINGERPRINT}
         tail = {"usage": None} if job.stream.include_usage else {}
         try:
             async with stream:
