@@ -24,13 +24,22 @@ from tachyon.config import EngineArgs
 from tachyon.engine.core import check_params, check_prompt_ids
 from tachyon.engine.core_client import CoreClient, EngineDeadError
 from tachyon.engine.llm_engine import child_params, load_tokenizer
-from tachyon.engine.messages import AbortRequests, AddRequest, CoreReady, CoreStats, StepOutputs
+from tachyon.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    CoreReady,
+    CoreStats,
+    LoadLoRA,
+    StepOutputs,
+    UnloadLoRA,
+)
 from tachyon.engine.output_processor import (
     ChoiceDelta,
     OutputProcessor,
     RequestCollector,
     StatListener,
 )
+from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 
 __all__ = ["AsyncLLM", "ChoiceDelta", "EngineDeadError", "RequestRejected", "RequestStream"]
@@ -110,6 +119,9 @@ class AsyncLLM:
         self.prompt_tokens = 0  # since start, times n
         self._streams: dict[str, RequestStream] = {}
         self._dead_callbacks: list[Callable[[str], None]] = []
+        self.loras: list[LoRARequest] = list(ready.loras)  # as of the core's last answer
+        self._lora_waiters: dict[int, asyncio.Future[str | None]] = {}
+        self._lora_seq = 0
 
     @classmethod
     async def create(cls, args: EngineArgs) -> AsyncLLM:
@@ -153,7 +165,8 @@ class AsyncLLM:
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompts: list[list[int]],
-                    params: SamplingParams) -> RequestStream:
+                    params: SamplingParams,
+                    lora_request: LoRARequest | None = None) -> RequestStream:
         """Queue ``prompts`` (each sampled ``params.n`` times) as one request. Raises
         ``ValueError`` for a request the core would refuse (then nothing is queued)."""
         if self.client.dead is not None:
@@ -172,7 +185,8 @@ class AsyncLLM:
             self.processor.add(collector, prompt, params, samples, now)
             for i, (rid, _) in enumerate(samples):
                 sp = child_params(params, i) if n > 1 else params
-                self.client.send(AddRequest(rid, prompt, sp, self.eos_token_ids, now))
+                self.client.send(AddRequest(rid, prompt, sp, self.eos_token_ids, now,
+                                            lora_request))
                 core_ids.append(rid)
             self.prompt_tokens += len(prompt) * n
         stream = RequestStream(self, request_id, collector, core_ids)
@@ -197,9 +211,33 @@ class AsyncLLM:
         if running:
             self.client.send(AbortRequests(running))
 
+    # -- LoRA adapters -----------------------------------------------------------------------
+    async def add_lora(self, lora: LoRARequest) -> None:
+        """Load (or replace) an adapter in the core; ``ValueError`` with the core's reason."""
+        await self._change_lora(lambda seq: LoadLoRA(seq, lora))
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        await self._change_lora(lambda seq: UnloadLoRA(seq, lora_int_id))
+
+    async def _change_lora(self, make: Callable[[int], LoadLoRA | UnloadLoRA]) -> None:
+        if self.client.dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self.client.dead}")
+        self._lora_seq += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._lora_waiters[self._lora_seq] = fut
+        self.client.send(make(self._lora_seq))
+        error = await fut
+        if error is not None:
+            raise ValueError(error)
+
     # -- from the core -----------------------------------------------------------------------
     def _on_output(self, out: StepOutputs) -> None:
         self.core_stats = out.stats
+        for update in out.lora_updates:
+            self.loras = update.loras
+            waiter = self._lora_waiters.pop(update.seq, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(update.error)
         for rid, why in out.rejected.items():
             self.processor.fail([rid], RequestRejected(why))
         stopped = self.processor.process(out)
@@ -208,6 +246,10 @@ class AsyncLLM:
 
     def _on_dead(self, reason: str) -> None:
         self.processor.fail_all(EngineDeadError(reason))
+        for waiter in self._lora_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(EngineDeadError(reason))
+        self._lora_waiters.clear()
         for callback in self._dead_callbacks:
             callback(reason)
 

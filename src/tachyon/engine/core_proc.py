@@ -6,6 +6,11 @@ slow API process never makes the core wait: it only queues memory. A request the
 refuses (a check in ``EngineCore.check_request``) fails alone, in ``rejected``; an exception
 in a step ends the process (after a ``CoreFailed`` saying why), and the API process fails
 every request in flight. The core also exits when its parent is gone.
+
+A request with structured outputs waits for its grammar, compiled on a thread of its own
+while the loop goes on stepping the others, and is scheduled once it is ready (its model
+runner then finds it in the process's grammar cache); a grammar that fails to compile
+rejects its request alone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
 import zmq
@@ -32,8 +38,11 @@ from tachyon.engine.messages import (
     CoreReady,
     CoreStats,
     Finished,
+    LoadLoRA,
+    LoRAUpdate,
     Shutdown,
     StepOutputs,
+    UnloadLoRA,
 )
 from tachyon.engine.request import Request, RequestStatus
 
@@ -41,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 # While idle, how often the core wakes to check that its parent still lives.
 IDLE_POLL_MS = 1000
+# While idle but for grammars being compiled, how often it looks whether one is ready.
+COMPILE_POLL_MS = 2
 
 
 def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_pid: int,
@@ -68,7 +79,7 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_
     out.send(enc.encode(CoreReady(
         config.model.max_model_len, core.vocab_size,
         sorted(eos_token_ids(config.model.hf_config, None)), tokenizer,
-        core.executor.num_blocks, str(core.executor.startup_report))))
+        core.executor.num_blocks, str(core.executor.startup_report), core.list_loras())))
     loop = CoreLoop(core, inp, out, parent_pid)
     try:
         loop.run()
@@ -91,6 +102,9 @@ class CoreLoop:
         self.enc = msgspec.msgpack.Encoder()
         self.dec = msgspec.msgpack.Decoder(CoreInput)
         self.step_seconds = 0.0  # inside core.step(): what the loop adds is the rest
+        self._compiler_pool = ThreadPoolExecutor(1, thread_name_prefix="tachyon-grammar")
+        self._compiling: dict[str, tuple[Request, Future[object]]] = {}
+        self._lora_updates: list[LoRAUpdate] = []
 
     def run(self) -> None:
         core = self.core
@@ -98,9 +112,11 @@ class CoreLoop:
             if os.getppid() != self.parent_pid:  # one cheap syscall per step
                 logger.warning("the API process is gone; the engine core exits")
                 return
-            if not core.has_unfinished_requests() and not self.inp.poll(IDLE_POLL_MS):
-                continue
             rejected: dict[str, str] = {}
+            compiled = self._admit_compiled(rejected)
+            wait = COMPILE_POLL_MS if self._compiling else IDLE_POLL_MS
+            if not compiled and not core.has_unfinished_requests() and not self.inp.poll(wait):
+                continue
             if not self._apply_inputs(rejected):
                 return
             events = []
@@ -124,17 +140,56 @@ class CoreLoop:
                 status = (RequestStatus.FINISHED_STOPPED if msg.stopped
                           else RequestStatus.FINISHED_ABORTED)
                 self.core.finish_requests(msg.request_ids, status)
+                for rid in msg.request_ids:
+                    self._compiling.pop(rid, None)
+            elif isinstance(msg, LoadLoRA | UnloadLoRA):
+                self._lora_updates.append(self._change_lora(msg))
             elif isinstance(msg, Shutdown):
                 return False
 
     def _add(self, msg: AddRequest, rejected: dict[str, str]) -> None:
         try:
             req = Request(msg.request_id, msg.prompt_token_ids, msg.params,
-                          frozenset(msg.eos_token_ids), msg.arrival_time)
+                          frozenset(msg.eos_token_ids), msg.arrival_time, msg.lora_request)
             self.core.check_request(req)
+            if req.params.structured_outputs is not None:
+                fut = self._compiler_pool.submit(self._compile, req)
+                self._compiling[req.request_id] = (req, fut)
+                return
             self.core.add_request(req)
         except Exception as e:  # this request's fault: it fails alone
             rejected[msg.request_id] = str(e) or repr(e)
+
+    def _change_lora(self, msg: LoadLoRA | UnloadLoRA) -> LoRAUpdate:
+        try:
+            if isinstance(msg, LoadLoRA):
+                self.core.add_lora(msg.lora)
+            elif not self.core.remove_lora(msg.lora_int_id):
+                raise ValueError(f"no LoRA adapter has id {msg.lora_int_id}")
+        except Exception as e:  # a bad adapter directory, LoRA off, an adapter in use
+            return LoRAUpdate(msg.seq, self.core.list_loras(), str(e) or repr(e))
+        return LoRAUpdate(msg.seq, self.core.list_loras())
+
+    def _compile(self, req: Request) -> object:
+        from tachyon.structured_output.compiler import compiler_for
+
+        path = self.core.config.model.tokenizer_path
+        if path is None:
+            raise ValueError("structured outputs need the model's tokenizer")
+        assert req.params.structured_outputs is not None
+        return compiler_for(path, self.core.vocab_size).compile(req.params.structured_outputs)
+
+    def _admit_compiled(self, rejected: dict[str, str]) -> bool:
+        """Schedule the requests whose grammar is ready; True if any finished compiling."""
+        done = [rid for rid, (_, fut) in self._compiling.items() if fut.done()]
+        for rid in done:
+            req, fut = self._compiling.pop(rid)
+            error = fut.exception()
+            if error is not None:
+                rejected[rid] = str(error) or repr(error)
+            else:
+                self.core.add_request(req)
+        return bool(done)
 
     def _outputs(self, events: list[TokenEvent], rejected: dict[str, str]) -> StepOutputs:
         ids, tokens, finished, logprobs = [], [], [], []
@@ -147,13 +202,16 @@ class CoreLoop:
             reason = finish_reason_of(ev.status)
             if reason is not None:
                 finished.append(Finished(i, reason, ev.stop_reason))
+        updates, self._lora_updates = self._lora_updates, []
         return StepOutputs(ids, tokens, finished, logprobs if any_logprobs else [], rejected,
-                           self._stats())
+                           self._stats(), updates)
 
     def _stats(self) -> CoreStats:
         core = self.core
         kv, sched = core.kv, core.scheduler
+        spec = sched.spec_counts
         return CoreStats(sched.num_running, sched.num_waiting, kv.num_free_blocks,
                          kv.pool.num_blocks, kv.prefix_queries, kv.prefix_hits,
                          core.stats["generation_tokens"], core.stats["preemptions"],
-                         core.stats["steps"], self.step_seconds)
+                         core.stats["steps"], self.step_seconds, spec["draft_tokens"],
+                         spec["accepted_tokens"], spec["verifies"])

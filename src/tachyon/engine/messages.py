@@ -1,15 +1,17 @@
 """What the API process and the engine core process say to each other (msgspec, msgpack).
 
 API -> core: ``AddRequest`` (one sample of one prompt: ``n`` is fanned out by the API),
-``AbortRequests``, ``Shutdown``. Core -> API: ``CoreReady`` or ``CoreFailed`` once at start,
-then one ``StepOutputs`` per loop iteration that did anything: every token of the step, in
-columns, so a step of 256 requests is one small message.
+``AbortRequests``, ``LoadLoRA`` / ``UnloadLoRA``, ``Shutdown``. Core -> API: ``CoreReady`` or
+``CoreFailed`` once at start, then one ``StepOutputs`` per loop iteration that did anything:
+every token of the step, in columns, so a step of 256 requests is one small message; the
+answers to adapter changes ride in it too (``LoRAUpdate``).
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 
 
@@ -19,6 +21,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True, gc=False):
     params: SamplingParams  # n == 1
     eos_token_ids: list[int]  # the tokenizer's EOS ids with the model's (the core has none)
     arrival_time: float  # time.monotonic() of the API process: same clock on one host
+    lora_request: LoRARequest | None = None  # loaded by the core on first use
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -28,11 +31,29 @@ class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
     stopped: bool = False  # True: a stop string (FINISHED_STOPPED), else an abort
 
 
+class LoadLoRA(msgspec.Struct, tag="load_lora", array_like=True):
+    seq: int  # echoed in the LoRAUpdate that answers it
+    lora: LoRARequest
+
+
+class UnloadLoRA(msgspec.Struct, tag="unload_lora", array_like=True):
+    seq: int
+    lora_int_id: int
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-CoreInput = AddRequest | AbortRequests | Shutdown
+CoreInput = AddRequest | AbortRequests | LoadLoRA | UnloadLoRA | Shutdown
+
+
+class LoRAUpdate(msgspec.Struct, array_like=True):
+    """The answer to a ``LoadLoRA`` / ``UnloadLoRA``: the adapters known after it."""
+
+    seq: int
+    loras: list[LoRARequest]
+    error: str | None = None  # why the change was refused (a bad adapter, one in use, ...)
 
 
 class CoreStats(msgspec.Struct, array_like=True, gc=False):
@@ -48,6 +69,10 @@ class CoreStats(msgspec.Struct, array_like=True, gc=False):
     num_preemptions: int = 0
     num_steps: int = 0
     step_seconds: float = 0.0  # wall time inside EngineCore.step(), since start
+    # Speculative decoding, since start (0 without it): drafted, accepted, verify passes.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifies: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -70,6 +95,7 @@ class StepOutputs(msgspec.Struct, tag="step", array_like=True, gc=False):
     logprobs: list[list[tuple[int, float]] | None]  # empty if no event has any, else aligned
     rejected: dict[str, str]  # request id -> why the core refused it
     stats: CoreStats
+    lora_updates: list[LoRAUpdate] = []
 
 
 class CoreReady(msgspec.Struct, tag="ready", array_like=True):
@@ -79,6 +105,7 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     tokenizer_path: str | None  # None: the model has no tokenizer (send token ids)
     num_blocks: int
     startup_report: str
+    loras: list[LoRARequest] = []  # adapters loaded at start
 
 
 class CoreFailed(msgspec.Struct, tag="failed", array_like=True):

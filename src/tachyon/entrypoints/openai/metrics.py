@@ -55,6 +55,12 @@ class _EngineCollector(Collector):
             ("engine_steps", "Steps the engine core ran.", s.num_steps),
             ("engine_step_seconds", "Wall time the engine core spent inside its steps.",
              s.step_seconds),
+            # Speculative decoding (0 without it); rendered with the _total suffix.
+            ("spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens the target accepted.",
+             s.spec_accepted_tokens),
+            ("spec_decode_num_drafts", "Verify passes (one per request and step).",
+             s.spec_verifies),
         ):
             yield CounterMetricFamily(f"tachyon:{name}", doc, value=value)
 

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tachyon import __version__
@@ -38,6 +38,7 @@ from tachyon.entrypoints.openai.protocol import OpenAIError, parse_json_body
 from tachyon.entrypoints.openai.serving_chat import OpenAIServingChat
 from tachyon.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from tachyon.entrypoints.openai.serving_engine import EventStream
+from tachyon.entrypoints.openai.serving_lora import OpenAIServingLoRA
 from tachyon.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ DEAD_CORE_EXIT_SECONDS = 2.0
 EXIT_CORE_DIED = 1
 
 T = TypeVar("T")
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | EventStream]]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | str | EventStream]]
 
 
 class ClientGone(Exception):
@@ -144,6 +145,8 @@ async def _serve(request: Request, handler: Handler, max_bytes: int) -> Response
                                           type_="server_error"))
     if isinstance(result, dict):
         return JSONResponse(result)
+    if isinstance(result, str):
+        return PlainTextResponse(result)
     assert isinstance(result, EventStream)
     return SSEResponse(result)
 
@@ -152,6 +155,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     completions = OpenAIServingCompletion(llm, settings)
     chat = OpenAIServingChat(llm, settings)
     tokenization = OpenAIServingTokenization(llm, settings)
+    loras = OpenAIServingLoRA(llm, settings)
     metrics = ServerMetrics(llm)
     created = int(time.time())
     model_name, max_request_bytes = settings.model_name, settings.max_request_bytes
@@ -170,8 +174,18 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "tachyon",
-                "max_model_len": llm.max_model_len}
-        return {"object": "list", "data": [card]}
+                "root": model_name, "parent": None, "max_model_len": llm.max_model_len}
+        adapters = [{**card, "id": lora.lora_name, "root": lora.lora_path,
+                     "parent": model_name} for lora in llm.loras]
+        return {"object": "list", "data": [card, *adapters]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        return await _serve(request, loras.load, max_request_bytes)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        return await _serve(request, loras.unload, max_request_bytes)
 
     @app.get("/health")
     async def health() -> Response:
@@ -242,7 +256,14 @@ async def _run(ns: argparse.Namespace, engine_args: EngineArgs, sock: socket.soc
     llm = await AsyncLLM.create(engine_args)
     try:
         name = ns.served_model_name or ns.model or DEFAULT_SERVED_MODEL_NAME
-        app = build_app(llm, settings_from(ns, name))
+        settings = settings_from(ns, name)
+        app = build_app(llm, settings)
+        lora_serving = OpenAIServingLoRA(llm, settings)
+        for lora_name, path in settings.lora_modules.items():
+            try:
+                await lora_serving.add(lora_name, path)
+            except OpenAIError as e:
+                raise ValueError(f"--lora-modules {lora_name}={path}: {e.message}") from None
         config = uvicorn.Config(app, log_level=ns.log_level.lower(), access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
         server = uvicorn.Server(config)

@@ -87,7 +87,7 @@ class ChatFormatter:
 class OpenAIServingChat(OpenAIServing):
     async def create(self, body: dict[str, Any]) -> dict[str, Any] | EventStream:
         req = parse_chat(body)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         self.check_text_size("".join(_texts(req.messages)), "messages")
         tools = parse_tools(req.fields, self.settings.enable_auto_tool_choice)
         spec, param = parse_structured(req.fields)
@@ -107,7 +107,8 @@ class OpenAIServingChat(OpenAIServing):
                                                         self.settings.chat_template)
         max_tokens = self.max_tokens_for(len(prompt), req.max_tokens, None, "messages")
         params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n, spec)
-        job = Job(new_request_id("chatcmpl"), self.model_name, [prompt], params, req.stream)
+        job = Job(new_request_id("chatcmpl"), req.model or self.model_name, [prompt], params,
+                  req.stream, lora_request=lora)
         parser = None
         if tools is not None and tools.choice == "auto":
             assert self.settings.tool_call_parser is not None

@@ -72,7 +72,7 @@ class CompletionFormatter:
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, body: dict[str, Any]) -> dict[str, Any] | EventStream:
         req = parse_completion(body)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         spec, param = parse_structured(req.fields)
         if spec is not None:
             assert param is not None
@@ -86,8 +86,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                              DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
                          for p in prompts)
         params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n, spec)
-        job = Job(new_request_id("cmpl"), self.model_name, prompts, params, req.stream,
-                  self._echo_prefixes(req, prompts))
+        job = Job(new_request_id("cmpl"), req.model or self.model_name, prompts, params,
+                  req.stream, self._echo_prefixes(req, prompts), lora_request=lora)
         return await self.run(job, CompletionFormatter(self, req.logprobs))
 
     def _echo_prefixes(self, req: CompletionRequest, prompts: list[list[int]]

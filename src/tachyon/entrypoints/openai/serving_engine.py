@@ -28,6 +28,7 @@ from tachyon.engine.async_llm import (
 )
 from tachyon.entrypoints.openai.cli_args import ServerSettings
 from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, model_not_found
+from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -89,6 +90,7 @@ class Job:
     params: SamplingParams
     stream: StreamOptions
     prefixes: list[str] | None = None  # per prompt, with echo
+    lora_request: LoRARequest | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def new_choices(self) -> list[Choice]:
@@ -156,9 +158,14 @@ class OpenAIServing:
         self.max_model_len = llm.max_model_len
         self._token_texts: dict[int, str] = {}
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 if neither."""
+        if name is None or name == self.model_name:
+            return None
+        lora = next((lora for lora in self.llm.loras if lora.lora_name == name), None)
+        if lora is None:
             raise model_not_found(name)
+        return lora
 
     def token_text(self, token_id: int) -> str:
         """A token as text for logprobs (``token_id:N`` without a tokenizer, as vLLM)."""
@@ -209,7 +216,8 @@ class OpenAIServing:
 
     async def run(self, job: Job, fmt: Formatter) -> dict[str, Any] | EventStream:
         try:
-            stream = self.llm.add_request(job.request_id, job.prompts, job.params)
+            stream = self.llm.add_request(job.request_id, job.prompts, job.params,
+                                          job.lora_request)
         except EngineDeadError as e:
             raise OpenAIError(str(e), status=503, type_="server_error") from None
         except ValueError as e:  # a prompt or a value the engine would refuse
