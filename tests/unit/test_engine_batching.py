@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from tachyon import LLM, SamplingParams
-from tachyon.engine.scheduler import SchedulerOutput
+from tachyon.step import SchedulerOutput
 from tachyon_testing import TINY_VOCAB
 
 BLOCK_SIZE = 4

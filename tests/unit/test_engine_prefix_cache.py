@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tachyon import LLM, SamplingParams
-from tachyon.engine.scheduler import SchedulerOutput
+from tachyon.step import SchedulerOutput
 from tachyon_testing import TINY_VOCAB
 
 MAX_TOKENS = 8

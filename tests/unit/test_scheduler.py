@@ -14,8 +14,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from tachyon.config import SchedulerConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
-from tachyon.engine.scheduler import Scheduler, SchedulerOutput
+from tachyon.engine.scheduler import Scheduler
 from tachyon.sampling_params import SamplingParams
+from tachyon.step import SchedulerOutput
 from tachyon_testing import FakeKVContent, check_kv_invariants
 
 EOS = 0

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 from tachyon.config import EngineConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
-from tachyon.engine.scheduler import Scheduler, SchedulerOutput
+from tachyon.engine.scheduler import Scheduler
 from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
+from tachyon.step import ModelRunnerOutput, PendingResult, SchedulerOutput
 
 if TYPE_CHECKING:
     from tachyon.loader.update import NamedTensors, WeightUpdateReport
-    from tachyon.worker.model_runner import ModelRunnerOutput, PendingOutput
     from tachyon.worker.sleep import MemoryReport
 
 # Seeds are int64 on the device (torch.Generator.manual_seed); anything else kills a step.
@@ -55,7 +55,7 @@ class EngineCore:
         self.vocab_size = int(config.model.hf_config.vocab_size)
         self.async_scheduling = config.scheduler.async_scheduling and hasattr(
             self.executor, "execute_model_async")
-        self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self._inflight: tuple[SchedulerOutput, PendingResult] | None = None
         self._penalty_requests: set[str] = set()
         self.stats = {"generation_tokens": 0, "steps": 0, "preemptions": 0}
         if config.speculative is not None:

@@ -18,58 +18,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from tachyon.config import SchedulerConfig, SpeculativeConfig
 from tachyon.engine.kv_cache_manager import KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
-from tachyon.sampling_params import SamplingParams
 from tachyon.spec_decode.ngram import NgramProposer
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One request's share of a step.
-
-    The runner computes ``new_token_ids`` at positions ``[num_computed_tokens, ... + n)``.
-    ``block_ids`` is the request's whole block list when ``full_block_ids`` is set (first
-    schedule, or resumption after preemption), otherwise only the blocks added this step.
-    ``sample`` says whether this step reaches the end of the known tokens (so a token is drawn).
-    """
-
-    request_id: str
-    new_token_ids: list[int]
-    num_computed_tokens: int
-    block_ids: list[int]
-    full_block_ids: bool
-    sample: bool
-    # Inputs after ``new_token_ids`` whose values the previous step is still sampling
-    # (asynchronous scheduling): the runner takes them from that step's output on the device.
-    num_pending_inputs: int = 0
-    # The last ``num_draft_tokens`` of ``new_token_ids`` are drafts to verify (speculation).
-    num_draft_tokens: int = 0
-    prompt_token_ids: list[int] | None = None  # with the first schedule only
-    params: SamplingParams | None = None  # with the first schedule only
-    # With the first schedule only: EOS and stop token ids the sampler must not draw while
-    # the request has fewer than ``params.min_tokens`` outputs.
-    min_tokens_stop_ids: tuple[int, ...] = ()
-    lora_int_id: int = 0  # with the first schedule only: the request's adapter (0: none)
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    requests: list[ScheduledRequest]
-    total_num_tokens: int
-    finished_request_ids: list[str] = field(default_factory=list)  # runner may drop their state
-
-    @property
-    def uniform_decode(self) -> bool:
-        """Every request computes exactly one token (what FULL decode graphs are made for)."""
-        return bool(self.requests) and self.total_num_tokens == len(self.requests)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.requests
+from tachyon.step import ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:

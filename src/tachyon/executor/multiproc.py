@@ -59,11 +59,11 @@ from tachyon.distributed.parallel_state import (
     destroy_distributed,
     init_distributed,
 )
-from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.executor.stderr_relay import StderrRelay
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, named_tensor_list
 from tachyon.lora.request import LoRARequest
-from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
+from tachyon.step import ModelRunnerOutput, PendingResult, SchedulerOutput
+from tachyon.worker.model_runner import ModelRunner, PendingOutput
 from tachyon.worker.sleep import MemoryReport
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class MultiprocExecutor:
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_model_async(out).result()
 
-    def execute_model_async(self, out: SchedulerOutput) -> PendingOutput | _RemotePending:
+    def execute_model_async(self, out: SchedulerOutput) -> PendingResult:
         """Queue a step on every rank; ``result()`` waits for rank 0's sampled tokens."""
         return self._ranks.submit(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
 

@@ -9,10 +9,10 @@ import weakref
 import torch
 
 from tachyon.config import EngineConfig
-from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.loader.update import NamedTensors, WeightUpdateReport
 from tachyon.lora.request import LoRARequest
-from tachyon.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingOutput
+from tachyon.step import ModelRunnerOutput, PendingResult, SchedulerOutput
+from tachyon.worker.model_runner import ModelRunner
 from tachyon.worker.sleep import MemoryReport
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class UniProcExecutor:
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)
 
-    def execute_model_async(self, out: SchedulerOutput) -> PendingOutput:
+    def execute_model_async(self, out: SchedulerOutput) -> PendingResult:
         return self.runner.execute_async(out)
 
     def update_weights(self, named_tensors: NamedTensors,

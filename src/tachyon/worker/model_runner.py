@@ -23,7 +23,6 @@ from tachyon.attention.registry import get_backend_class
 from tachyon.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from tachyon.cudagraph.dispatcher import MIXED, BatchDescriptor
 from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
-from tachyon.engine.scheduler import SchedulerOutput
 from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.layers.sampler import Sampler, SamplingMetadata
 from tachyon.loader.loader import load_model
@@ -32,6 +31,7 @@ from tachyon.lora.manager import NO_SLOT, LoRAManager
 from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
 from tachyon.spec_decode.rejection import NO_DRAFT, num_accepted, rejection_sample
+from tachyon.step import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tachyon.structured_output.manager import StructuredOutputManager
 from tachyon.worker.input_buffers import (
     InputBuffers,
@@ -69,19 +69,6 @@ class RequestState:
     row_blocks: int = 0  # how many of its block ids that row already holds
     min_tokens_stop_ids: tuple[int, ...] = ()  # masked until params.min_tokens outputs
     lora_id: int = 0  # its LoRA adapter (0: none)
-
-
-@dataclass
-class ModelRunnerOutput:
-    request_ids: list[str]  # requests that sampled this step, in order
-    sampled_token_ids: list[int]
-    # Per sampled request: [(token id, logprob), ...] sampled token first, then top-k.
-    logprobs: list[list[tuple[int, float]]] | None = None
-    # With speculative decoding: per sampled request, every token it emits this step (its
-    # accepted drafts, then the target's own token), and their logprobs likewise; the
-    # fields above then hold the first of them.
-    spec_token_ids: list[list[int]] | None = None
-    spec_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 class PendingOutput:
@@ -389,7 +376,7 @@ class ModelRunner:
         for pos, n, lora_id in spans:
             self.buffers.np_lora_slots[pos:pos + n] = lora.slot_of(lora_id)
 
-    def _stage_verify(self, plan: StepPlan, s: object, end: int) -> None:
+    def _stage_verify(self, plan: StepPlan, s: ScheduledRequest, end: int) -> None:
         """Logits rows of a sampled request in a speculative engine: one per draft (checked
         against it) and the bonus row, at the last ``1 + d`` positions of its query."""
         b, d, row0 = self.verify_buffers, s.num_draft_tokens, plan.num_logits
@@ -457,7 +444,7 @@ class ModelRunner:
         self.buffers.copy_to_device(num_reqs)
         return plan
 
-    def _update_state(self, s: object) -> RequestState:
+    def _update_state(self, s: ScheduledRequest) -> RequestState:
         st = self.states.get(s.request_id)
         if st is None:
             params = s.params
