@@ -141,7 +141,8 @@ def main():
                "together_eq_alone": [x == y for x, y in zip(t, a, strict=True)]}
         results.append(row)
         print(row, f"{time.time() - t0:.0f}s", flush=True)
-    json.dump(results, open(os.path.join(out_dir, "repro18.json"), "w"), indent=1)
+    with open(os.path.join(out_dir, "repro18.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
