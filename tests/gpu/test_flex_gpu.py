@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from tachyon.attention.base import AttentionSpec, CGSupport, CommonAttentionMetadata
+from tachyon.attention.base import AttentionSpec, CommonAttentionMetadata
 from tachyon.attention.flex_backend import FlexAttentionBackend
 from tachyon.attention.torch_backend import TorchAttentionBackend
+from tachyon.cudagraph.modes import CGSupport
 
 pytestmark = [
     pytest.mark.gpu,

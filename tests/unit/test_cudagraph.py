@@ -8,11 +8,10 @@ from typing import ClassVar
 
 import pytest
 
-from tachyon.attention.base import CGSupport
 from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
 from tachyon.config import EngineArgs
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
-from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
+from tachyon.cudagraph.modes import CGSupport, CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
 from tachyon_testing import TINY_VOCAB
 
 M = CUDAGraphMode

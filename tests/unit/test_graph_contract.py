@@ -15,9 +15,9 @@ from typing import ClassVar
 
 import pytest
 
-from tachyon.attention.base import CGSupport
 from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
 from tachyon.cudagraph.contract import GraphContractError, check_replay, signature
+from tachyon.cudagraph.modes import CGSupport
 from tachyon_testing import TINY_VOCAB
 
 

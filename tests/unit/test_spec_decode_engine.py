@@ -11,10 +11,9 @@ from typing import ClassVar
 import pytest
 
 from tachyon import LLM, SamplingParams
-from tachyon.attention.base import CGSupport
 from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
 from tachyon.cudagraph.dispatcher import BatchDescriptor
-from tachyon.cudagraph.modes import RuntimeMode
+from tachyon.cudagraph.modes import CGSupport, RuntimeMode
 from tachyon_testing import TINY_VOCAB, check_kv_invariants
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}

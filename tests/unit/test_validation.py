@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from tachyon import LLM, SamplingParams
-from tachyon.attention.base import CGSupport
 from tachyon.config import EngineArgs
-from tachyon.cudagraph.modes import CUDAGraphMode, resolve_cudagraph_mode
+from tachyon.cudagraph.modes import CGSupport, CUDAGraphMode, resolve_cudagraph_mode
 from tachyon.engine.llm_engine import LLMEngine
 from tachyon_testing import TINY_VOCAB
 

@@ -13,21 +13,13 @@ block ``block_table[req, t // block_size]`` at offset ``t % block_size``; its fl
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-
-class CGSupport(enum.IntEnum):
-    """How much of a batch a backend lets a FULL CUDA graph capture (ordered: more is better)."""
-
-    NEVER = 0  # eager only
-    UNIFORM_DECODE = 1  # full graphs for batches where every request computes one token
-    UNIFORM_BATCH = 2  # full graphs for batches whose requests share one query length
-    ALWAYS = 3  # full graphs for any batch, mixed prefill and decode included
+from tachyon.cudagraph.modes import CGSupport
 
 
 @dataclass(frozen=True)

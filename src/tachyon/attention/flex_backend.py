@@ -41,12 +41,8 @@ from typing import Any, ClassVar
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from tachyon.attention.base import (
-    AttentionBackend,
-    AttentionSpec,
-    CGSupport,
-    CommonAttentionMetadata,
-)
+from tachyon.attention.base import AttentionBackend, AttentionSpec, CommonAttentionMetadata
+from tachyon.cudagraph.modes import CGSupport
 
 Q_BLOCK = 16  # query tokens per block-mask row; the smallest tile Triton's tl.dot accepts
 

@@ -12,7 +12,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from tachyon.attention.base import AttentionBackend, CGSupport, CommonAttentionMetadata
+from tachyon.attention.base import AttentionBackend, CommonAttentionMetadata
+from tachyon.cudagraph.modes import CGSupport
 
 
 @dataclass

@@ -14,12 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from tachyon.attention.base import (
-    AttentionBackend,
-    AttentionSpec,
-    CGSupport,
-    CommonAttentionMetadata,
-)
+from tachyon.attention.base import AttentionBackend, AttentionSpec, CommonAttentionMetadata
+from tachyon.cudagraph.modes import CGSupport
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """CUDA graph modes and their resolution against an attention backend's support level.
 
-This module is pure Python (no torch.cuda): the engine, the config and the CLI import it.
+This module imports no torch: the engine, the config and the CLI import it, and attention
+backends declare their ``CGSupport`` from here.
 """
 
 from __future__ import annotations
@@ -9,9 +10,16 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from tachyon.attention.base import CGSupport
-
 logger = logging.getLogger(__name__)
+
+
+class CGSupport(enum.IntEnum):
+    """How much of a batch a backend lets a FULL CUDA graph capture (ordered: more is better)."""
+
+    NEVER = 0  # eager only
+    UNIFORM_DECODE = 1  # full graphs for batches where every request computes one token
+    UNIFORM_BATCH = 2  # full graphs for batches whose requests share one query length
+    ALWAYS = 3  # full graphs for any batch, mixed prefill and decode included
 
 
 class CUDAGraphMode(enum.Enum):

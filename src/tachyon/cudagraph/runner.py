@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tachyon.attention.base import CGSupport
 from tachyon.cudagraph.breakable import BreakableCapture, BreakableGraph, _AttentionCall
 from tachyon.cudagraph.contract import ENV_DEBUG_GRAPHS, Signature, check_replay, signature
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
 from tachyon.cudagraph.graph_impl import CapturedGraph, CudaGraphs, EmulatedGraphs, frozen_gc
-from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode
+from tachyon.cudagraph.modes import CGSupport, CUDAGraphMode, RuntimeMode
 from tachyon.forward_context import ForwardContext, set_forward_context
 
 if TYPE_CHECKING:
