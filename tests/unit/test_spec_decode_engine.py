@@ -108,8 +108,8 @@ def test_a_verify_step_replays_its_graph_padded(tiny_llama, monkeypatch):
     runner = eng.executor.runner
     seen = []
     run = runner.graph_runner.run
-    runner.graph_runner.run = lambda plan, ctx: seen.append((plan.mode, plan.desc)) or run(
-        plan, ctx)
+    runner.graph_runner.run = lambda mode, desc, ctx: seen.append((mode, desc)) or run(
+        mode, desc, ctx)
     for i in range(3):
         eng.add_request(str(i), [7 + i, 8, 9] * 4, SamplingParams(temperature=0, max_tokens=8,
                                                                   ignore_eos=True))

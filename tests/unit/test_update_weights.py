@@ -126,9 +126,9 @@ def _record_graph_modes(runner: Any) -> list[Any]:
     modes: list[Any] = []
     graphs, run = runner.graph_runner, runner.graph_runner.run
 
-    def recording_run(plan: Any, ctx: Any) -> torch.Tensor:
-        modes.append(plan.mode)
-        return run(plan, ctx)
+    def recording_run(mode: Any, desc: Any, ctx: Any) -> torch.Tensor:
+        modes.append(mode)
+        return run(mode, desc, ctx)
 
     graphs.run = recording_run
     return modes

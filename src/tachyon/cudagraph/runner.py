@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from tachyon.attention.base import AttentionBackend, CommonAttentionMetadata
+from tachyon.config import CompilationConfig
 from tachyon.cudagraph.breakable import BreakableCapture, BreakableGraph, _AttentionCall
 from tachyon.cudagraph.contract import ENV_DEBUG_GRAPHS, Signature, check_replay, signature
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
@@ -23,25 +27,45 @@ from tachyon.cudagraph.graph_impl import CapturedGraph, CudaGraphs, EmulatedGrap
 from tachyon.cudagraph.modes import CGSupport, CUDAGraphMode, RuntimeMode
 from tachyon.forward_context import ForwardContext, set_forward_context
 
-if TYPE_CHECKING:
-    from tachyon.worker.model_runner import ModelRunner, StepPlan
-
 logger = logging.getLogger(__name__)
 
 
+class GraphInputs(Protocol):
+    """The model's persistent inputs, allocated once at their largest size: a graph reads the
+    first ``num_tokens`` of each, so their addresses never change."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+
+
+# Stages a synthetic batch shaped like a graph key into the persistent buffers (for warm-up
+# and capture) and returns its attention metadata.
+StageDummy = Callable[[BatchDescriptor, RuntimeMode], CommonAttentionMetadata]
+
+
 class CUDAGraphRunner:
-    def __init__(self, runner: ModelRunner, mode: CUDAGraphMode, emulate: bool = False,
+    """Captures the graphs of one mode and replays them.
+
+    It is handed what it runs (the model, its persistent inputs, the attention backend, the
+    KV caches and a ``stage_dummy``), never the model runner: it stays valid until the KV
+    caches are re-allocated, and the model runner makes a new one then.
+    """
+
+    def __init__(self, model: nn.Module, inputs: GraphInputs, backend: AttentionBackend,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], stage_dummy: StageDummy,
+                 mode: CUDAGraphMode, compilation: CompilationConfig, max_num_seqs: int,
+                 max_num_tokens: int, num_speculative_tokens: int = 0, emulate: bool = False,
                  compiled: Any = None) -> None:
-        self.runner = runner
+        self.model, self.inputs, self.backend = model, inputs, backend
+        self.kv_caches, self.stage_dummy = kv_caches, stage_dummy
         self.mode = mode
-        cfg = runner.config.compilation
-        self.sizes = cfg.capture_sizes(runner.max_num_seqs)
-        spec = runner.config.speculative
+        cfg = compilation
+        self.sizes = cfg.capture_sizes(max_num_seqs)
         # Verify batches (1 + k tokens per request) get FULL graphs of their own where the
         # backend can capture uniform batches; else they run as mixed batches.
-        verify_len = spec.num_speculative_tokens + 1 if spec is not None and \
-            runner.backend.cudagraph_support >= CGSupport.UNIFORM_BATCH else 0
-        self.dispatcher = CudagraphDispatcher(mode, self.sizes, verify_len, runner.max_num_tokens)
+        verify_len = num_speculative_tokens + 1 if num_speculative_tokens and \
+            backend.cudagraph_support >= CGSupport.UNIFORM_BATCH else 0
+        self.dispatcher = CudagraphDispatcher(mode, self.sizes, verify_len, max_num_tokens)
         self.emulate = emulate
         self.impl = EmulatedGraphs() if emulate else CudaGraphs()
         self.full: dict[BatchDescriptor, CapturedGraph] = {}
@@ -57,7 +81,7 @@ class CUDAGraphRunner:
             from tachyon.cudagraph.compiled import CompiledPiecewiseModel
 
             self.compiled = CompiledPiecewiseModel(
-                runner.model, runner.buffers, self.impl, cfg.cache_dir, cfg.compile_sizes)
+                model, inputs, self.impl, cfg.cache_dir, cfg.compile_sizes)
         self._live: ForwardContext | None = None
 
     # -- dispatch and run ----------------------------------------------------------------
@@ -69,10 +93,10 @@ class CUDAGraphRunner:
             return RuntimeMode.NONE, BatchDescriptor(num_tokens, desc.uniform_query_len)
         return mode, desc
 
-    def run(self, plan: StepPlan, ctx: ForwardContext) -> torch.Tensor:
-        n = plan.padded_tokens
-        if plan.mode is RuntimeMode.FULL:
-            desc = plan.desc
+    def run(self, mode: RuntimeMode, desc: BatchDescriptor, ctx: ForwardContext) -> torch.Tensor:
+        """Replay the graph of key ``desc`` (as ``dispatch`` chose it) on the staged batch."""
+        n = desc.num_tokens
+        if mode is RuntimeMode.FULL:
             if self.check_contract:
                 check_replay(f"FULL graph {desc} ({ctx.backend.name})",
                              self.full_signatures[desc], signature(ctx.attn_metadata))
@@ -132,19 +156,17 @@ class CUDAGraphRunner:
         return self.compiled
 
     def _context(self, desc: BatchDescriptor, mode: RuntimeMode) -> ForwardContext:
-        r = self.runner
         # Dummy requests have no context beyond their own queries: a capture batch never
         # claims more context than the cache holds, even the one-block cache of the trial.
-        plan = r.stage_dummy(desc, mode)
-        meta = r.backend.build_metadata(r._common_metadata(plan))
-        return ForwardContext(r.backend, meta, r.kv_caches)
+        meta = self.backend.build_metadata(self.stage_dummy(desc, mode))
+        return ForwardContext(self.backend, meta, self.kv_caches)
 
     def _forward(self, n: int, ctx: ForwardContext) -> torch.Tensor:
-        b = self.runner.buffers
+        b = self.inputs
         with set_forward_context(ctx):
             if self.compiled is not None:
                 return self.compiled.run(n, RuntimeMode.FULL)
-            return self.runner.model(b.input_ids[:n], b.positions[:n])
+            return self.model(b.input_ids[:n], b.positions[:n])
 
     def _capture_full(self, desc: BatchDescriptor) -> CapturedGraph:
         ctx = self._context(desc, RuntimeMode.FULL)
@@ -157,7 +179,7 @@ class CUDAGraphRunner:
     def _capture_breakable(self, n: int) -> BreakableGraph:
         ctx = self._context(BatchDescriptor(n), RuntimeMode.PIECEWISE)
         self._forward(n, ctx)  # warm-up
-        b = self.runner.buffers
+        b = self.inputs
         impl: Any = self.impl
         self._live = ctx
         capture = BreakableCapture(impl.pool, self._attend_live)
@@ -168,7 +190,7 @@ class CUDAGraphRunner:
                 breaking = ForwardContext(ctx.backend, ctx.attn_metadata, ctx.kv_caches,
                                           breaker=capture)
                 with set_forward_context(breaking):
-                    out = self.runner.model(b.input_ids[:n], b.positions[:n])
+                    out = self.model(b.input_ids[:n], b.positions[:n])
                 graph = capture.finish(out)
             torch.cuda.current_stream().wait_stream(impl.stream)
         finally:

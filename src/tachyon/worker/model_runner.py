@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from tachyon.attention.registry import get_backend_class
 from tachyon.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from tachyon.cudagraph.dispatcher import MIXED, BatchDescriptor
 from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
+from tachyon.cudagraph.runner import CUDAGraphRunner
 from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.layers.sampler import Sampler, SamplingMetadata
 from tachyon.loader.loader import load_model
@@ -49,6 +51,9 @@ from tachyon.worker.sleep import (
     return_memory,
     weights_released,
 )
+
+if TYPE_CHECKING:
+    from tachyon.cudagraph.compiled import CompiledPiecewiseModel
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +167,10 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.vocab_size = int(mc.hf_config.vocab_size)
         self.structured = StructuredOutputManager(mc.tokenizer_path, self.vocab_size, device)
-        self.graph_runner = None  # set by init_graphs (cudagraph package) after the KV cache
-        self._compiled_model = None  # torch.compile'd model kept from the trial capture
+        # Set by init_graphs after the KV cache; dropped by sleep.
+        self.graph_runner: CUDAGraphRunner | None = None
+        # The torch.compile'd model, kept from the trial capture for the real one.
+        self._compiled_model: CompiledPiecewiseModel | None = None
         self.cudagraph_mode = self._resolve_graph_mode()
 
     # -- memory --------------------------------------------------------------------------
@@ -212,10 +219,8 @@ class ModelRunner:
         (if any) is kept for the real capture; the trial graphs are dropped."""
         if self.cudagraph_mode is CUDAGraphMode.NONE or self.device.type != "cuda":
             return 0
-        from tachyon.cudagraph.runner import CUDAGraphRunner
-
         self.allocate_kv_cache(1)
-        trial = CUDAGraphRunner(self, self.cudagraph_mode)
+        trial = self._graph_runner(self.cudagraph_mode, emulate=False, compiled=None)
         torch.cuda.synchronize()
         before = torch.cuda.mem_get_info()[0]
         trial.capture_all()
@@ -299,7 +304,7 @@ class ModelRunner:
         n = plan.padded_tokens
         ctx = ForwardContext(self.backend, metadata, self.kv_caches)
         if self.graph_runner is not None and plan.mode is not RuntimeMode.NONE:
-            return self.graph_runner.run(plan, ctx)
+            return self.graph_runner.run(plan.mode, plan.desc, ctx)
         with set_forward_context(ctx):
             return self.model(b.input_ids[:n], b.positions[:n])
 
@@ -420,10 +425,10 @@ class ModelRunner:
             b.np_block_table[num_reqs:padded_reqs] = 0
             self._row_owners[num_reqs:padded_reqs] = [None] * extra
 
-    def stage_dummy(self, desc: BatchDescriptor, mode: RuntimeMode) -> StepPlan:
-        """Stage a synthetic batch shaped like graph key ``desc`` (for warm-up and capture):
-        every request takes the key's query length (1 when mixed), request 0 the surplus;
-        no context, nothing written to the cache."""
+    def stage_dummy(self, desc: BatchDescriptor, mode: RuntimeMode) -> CommonAttentionMetadata:
+        """Stage a synthetic batch shaped like graph key ``desc`` (for warm-up and capture)
+        and return its attention metadata: every request takes the key's query length (1 when
+        mixed), request 0 the surplus; no context, nothing written to the cache."""
         b = self.buffers
         num_tokens, num_reqs = desc.num_tokens, desc.num_reqs(self.max_num_seqs)
         q = max(1, desc.uniform_query_len)
@@ -442,7 +447,7 @@ class ModelRunner:
         plan = StepPlan(num_tokens, num_reqs, num_tokens, num_reqs, mode, desc.uniform_decode,
                         desc)
         self.buffers.copy_to_device(num_reqs)
-        return plan
+        return self._common_metadata(plan)
 
     def _update_state(self, s: ScheduledRequest) -> RequestState:
         st = self.states.get(s.request_id)
@@ -656,6 +661,15 @@ class ModelRunner:
             logger.warning(res.warning)
         return res.mode
 
+    def _graph_runner(self, mode: CUDAGraphMode, emulate: bool,
+                      compiled: CompiledPiecewiseModel | None) -> CUDAGraphRunner:
+        """A graph runner over this runner's model, buffers, backend and current KV caches."""
+        spec = self.speculative
+        return CUDAGraphRunner(
+            self.model, self.buffers, self.backend, self.kv_caches, self.stage_dummy, mode,
+            self.config.compilation, self.max_num_seqs, self.max_num_tokens,
+            spec.num_speculative_tokens if spec is not None else 0, emulate, compiled)
+
     @torch.inference_mode()  # as at run time: dynamo guards on the grad mode
     def init_graphs(self) -> str:
         """Resolve the CUDA graph mode against the backend, capture, and return the start-up
@@ -663,10 +677,8 @@ class ModelRunner:
         num_graphs, seconds, pool_mib = 0, 0.0, 0.0
         mode = self.cudagraph_mode
         if mode is not CUDAGraphMode.NONE:
-            from tachyon.cudagraph.runner import CUDAGraphRunner
-
-            self.graph_runner = CUDAGraphRunner(self, mode, emulate=self._emulate_graphs,
-                                                compiled=self._compiled_model)
+            self.graph_runner = self._graph_runner(mode, self._emulate_graphs,
+                                                   self._compiled_model)
             num_graphs, seconds, pool_mib = self.graph_runner.capture_all()
         self.graph_stats = {
             "cudagraph_mode": mode.value, "backend": self.backend.name,
