@@ -11,7 +11,7 @@ import time
 import torch
 
 from tachyon import LLM, SamplingParams
-from tachyon.attention.kernels import triton_attention as K
+from tachyon.attention.kernels import unified as K
 
 
 def ref_attention(q, kc, vc, qsl, seq_lens, bt, scale):

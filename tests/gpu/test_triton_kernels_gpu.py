@@ -9,13 +9,13 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from tachyon.attention.kernels.triton_attention import (  # noqa: E402
+from tachyon.attention.kernels.decode import (  # noqa: E402
     choose_num_splits,
     decode_attention,
     decode_workspace,
-    store_kv_cache,
-    unified_attention,
 )
+from tachyon.attention.kernels.store_kv import store_kv_cache  # noqa: E402
+from tachyon.attention.kernels.unified import unified_attention  # noqa: E402
 
 NUM_HEADS = 32
 NUM_KV_HEADS = 8

@@ -16,13 +16,9 @@ pytest.importorskip("triton")
 import triton
 import triton.language as tl
 
-from tachyon.attention.kernels.triton_attention import (
-    choose_num_splits,
-    decode_attention,
-    decode_workspace,
-    store_kv_cache,
-    unified_attention,
-)
+from tachyon.attention.kernels.decode import choose_num_splits, decode_attention, decode_workspace
+from tachyon.attention.kernels.store_kv import store_kv_cache
+from tachyon.attention.kernels.unified import unified_attention
 
 HEAD_DIM = 64
 NUM_HEADS = 4

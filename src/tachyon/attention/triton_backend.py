@@ -30,11 +30,12 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
-        from tachyon.attention.kernels import triton_attention as kernels
+        # Imported here: the triton package is optional (check_available says so).
+        from tachyon.attention.kernels import decode, store_kv, unified
 
-        self.kernels = kernels
-        max_splits = kernels.choose_num_splits(1, spec.num_kv_heads, spec.device)
-        self.workspace = kernels.decode_workspace(
+        self.decode, self.store_kv, self.unified = decode, store_kv, unified
+        max_splits = decode.choose_num_splits(1, spec.num_kv_heads, spec.device)
+        self.workspace = decode.decode_workspace(
             spec.max_num_seqs, spec.num_heads, spec.head_dim, max_splits, spec.device,
             num_kv_heads=spec.num_kv_heads)
 
@@ -53,21 +54,21 @@ class TritonAttentionBackend(AttentionBackend):
     def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
         splits = 0
         if common.uniform_decode:
-            splits = self.kernels.choose_num_splits(
+            splits = self.decode.choose_num_splits(
                 common.num_reqs, self.spec.num_kv_heads, self.spec.device)
         return TritonAttentionMetadata(common, splits)
 
     def forward(self, query, key, value, k_cache, v_cache, metadata, output) -> None:
         c = metadata.common
         n = c.num_tokens
-        self.kernels.store_kv_cache(key[:n], value[:n], k_cache, v_cache, c.slot_mapping[:n])
+        self.store_kv.store_kv_cache(key[:n], value[:n], k_cache, v_cache, c.slot_mapping[:n])
         if metadata.num_splits:
             # Uniform decode: token r is request r's only query.
             r = c.num_reqs
-            self.kernels.decode_attention(
+            self.decode.decode_attention(
                 query[:r], k_cache, v_cache, output[:r], c.seq_lens, c.block_table,
                 self.spec.scale, metadata.num_splits, self.workspace)
         else:
-            self.kernels.unified_attention(
+            self.unified.unified_attention(
                 query, k_cache, v_cache, output, c.query_start_loc, c.seq_lens, c.block_table,
                 self.spec.scale, c.num_reqs)

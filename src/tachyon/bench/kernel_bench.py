@@ -19,12 +19,8 @@ import torch
 import triton
 import triton.testing
 
-from tachyon.attention.kernels.triton_attention import (
-    choose_num_splits,
-    decode_attention,
-    decode_workspace,
-    unified_attention,
-)
+from tachyon.attention.kernels.decode import choose_num_splits, decode_attention, decode_workspace
+from tachyon.attention.kernels.unified import unified_attention
 from tachyon.bench.common import BenchError, run_bench
 
 # Copy size for the bandwidth ceiling: far larger than L2 (50 MB on H100) so it measures HBM.

@@ -53,11 +53,10 @@ except ImportError:  # pragma: no cover - triton is optional on CPU
 
 from tachyon.layers.kernels.skinny_gemm_table import TUNED_CONFIGS
 
-if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
-    # The K loop has runtime bounds, which the interpreter under numpy >= 2.4 needs patched.
-    from tachyon.attention.kernels.triton_attention import _patch_interpreter_scalar_index
+if triton is not None:
+    from tachyon.attention.kernels._interpreter import patch_if_interpreted
 
-    _patch_interpreter_scalar_index()
+    patch_if_interpreted()  # the K loop has runtime bounds
 
 # Rows of activations the kernel takes: decode batches up to this size. The DOT paths pad the
 # rows to this (the smallest MMA tile), and at more rows cuBLAS's tiles are the right ones.
