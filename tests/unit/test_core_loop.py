@@ -29,6 +29,9 @@ TIMEOUT_MS = 10_000
 class _Stats:
     num_running = num_waiting = num_free_blocks = prefix_queries = prefix_hits = 0
 
+    def __init__(self) -> None:
+        self.spec_counts = {"draft_tokens": 0, "accepted_tokens": 0, "verifies": 0}
+
 
 class _Pool:
     num_blocks = 8

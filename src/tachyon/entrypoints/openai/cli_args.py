@@ -100,8 +100,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                    help="how tool calls are read out of the model's text (default: none)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help='allow tool_choice "auto" (needs --tool-call-parser)')
+                   help='allow tool_choice "auto" (needs --tool-call-parser; default: off, so '
+                        '"auto" is a 400)')
     p.add_argument("--lora-modules", type=_lora_module, nargs="+", default=None,
                    metavar="NAME=PATH",
                    help="LoRA adapters to load at start, served under NAME (needs "
-                        "--enable-lora)")
+                        "--enable-lora; default: none)")
