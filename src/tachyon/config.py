@@ -100,7 +100,6 @@ class CompilationConfig:
     compile_sizes: tuple[int, ...]
     piecewise_backend: str  # "breakable" | "compile"
     cache_dir: str | None
-    enforce_eager: bool
 
     def capture_sizes(self, max_num_seqs: int) -> tuple[int, ...]:
         """Sizes to capture, ascending. The largest always covers ``max_num_seqs``."""
@@ -153,8 +152,11 @@ class EngineConfig:
 
 _COMPILATION_KEYS = {
     "cudagraph_mode", "cudagraph_capture_sizes", "max_cudagraph_capture_size",
-    "compile_sizes", "piecewise_backend", "cache_dir", "level", "mode",
+    "compile_sizes", "piecewise_backend", "cache_dir",
 }
+# vLLM's torch.compile level (``level``, renamed ``mode``): tachyon has no such knob, and
+# accepting the key while ignoring it would hide that the setting does nothing.
+_VLLM_COMPILE_LEVEL_KEYS = ("level", "mode")
 
 
 def _cli(help: str, **more: Any) -> dict[str, Any]:
@@ -379,6 +381,14 @@ class EngineArgs:
         if not isinstance(raw, dict):
             raise ValueError(
                 "--compilation-config must be a JSON object, e.g. '{\"cudagraph_mode\": \"FULL\"}'")
+        for key in _VLLM_COMPILE_LEVEL_KEYS:
+            if key in raw:
+                raise ValueError(
+                    f"compilation_config key {key!r} (vLLM's torch.compile level) is not "
+                    "supported; choose graphs with 'cudagraph_mode' and how PIECEWISE graphs "
+                    "are made with 'piecewise_backend': 'breakable' (no compiler) or 'compile' "
+                    "(torch.compile split at attention)"
+                )
         unknown = sorted(set(raw) - _COMPILATION_KEYS)
         if unknown:
             raise ValueError(
@@ -406,7 +416,6 @@ class EngineArgs:
             compile_sizes=compile_sizes,
             piecewise_backend=backend,
             cache_dir=raw.get("cache_dir"),
-            enforce_eager=self.enforce_eager,
         )
 
 

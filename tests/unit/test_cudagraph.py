@@ -99,6 +99,12 @@ def test_bad_compilation_config(bad):
         EngineArgs(compilation_config=bad)._compilation_config()
 
 
+@pytest.mark.parametrize("key", ["level", "mode"])
+def test_vllm_compile_level_is_refused_not_ignored(key):
+    with pytest.raises(ValueError, match=f"key '{key}' .*'piecewise_backend'"):
+        _compilation(**{key: 3})
+
+
 def test_dispatch_priority_per_mode():
     sizes = (1, 2, 4, 8)
     cases = {

@@ -38,10 +38,10 @@ def _is_attention(node: torch.fx.Node) -> bool:
 class Piece(nn.Module):
     """One compiled piece between attention calls, with its per-size CUDA graphs."""
 
-    def __init__(self, owner: CompiledPiecewiseModel, index: int, graph: torch.fx.GraphModule,
+    def __init__(self, owner: CompiledPiecewiseModel, graph: torch.fx.GraphModule,
                  compiled: Callable[..., Any]) -> None:
         super().__init__()
-        self.owner, self.index = owner, index
+        self.owner = owner
         self.graph_module = graph
         self.compiled = compiled
         self.by_size: dict[int, Callable[..., Any]] = {}  # static-shape compilations
@@ -148,7 +148,7 @@ class _PieceCompiler(torch.fx.Interpreter):
             from torch._inductor.compile_fx import compile_fx
 
             compiled = compile_fx(submod, list(args))
-            piece = Piece(self.owner, len(self.owner.pieces), submod, compiled)
+            piece = Piece(self.owner, submod, compiled)
             self.owner.pieces.append(piece)
             setattr(self.split, target, piece)
         return out

@@ -27,8 +27,13 @@ _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
 
 
 class Request:
-    """Invariant: ``num_computed_tokens <= num_tokens``; tokens ``[0, num_computed_tokens)``
-    have their K/V in this request's blocks."""
+    """One sequence's state in the engine core.
+
+    ``num_computed_tokens`` counts the positions whose K/V is in this request's blocks or is
+    being written by a step in flight (the scheduler advances it when it schedules). It runs
+    ahead of ``num_tokens`` by ``num_pending`` (a token still being sampled, asynchronous
+    scheduling) and, while a verify step is in flight, by its drafts, until ``update_spec``
+    rolls the rejected ones back."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int], arrival_time: float | None = None,
