@@ -139,7 +139,7 @@ def test_adapters_swap_under_emulated_full_graphs(tiny_models: dict[str, Path],
     captured = dict(graphs.full)
     modes: list[Any] = []
     run = graphs.run
-    graphs.run = lambda plan, ctx: (modes.append(plan.mode), run(plan, ctx))[1]
+    graphs.run = lambda mode, desc, ctx: (modes.append(mode), run(mode, desc, ctx))[1]
     a = adapters["llama"]
     for loras in ([a[0], None, a[1]], [a[2], a[0], None, a[2]]):
         prompts = _prompts(rng, len(loras))
