@@ -93,15 +93,38 @@ def test_stop_token_id(tok_llm: LLM) -> None:
 
 
 def test_min_tokens_forbids_stop_tokens_until_reached(tok_llm: LLM) -> None:
+    """Against a reference built one token at a time: for the first ``min_tokens`` outputs
+    greedy takes the best token that is not the stop token (the runner-up from the top-2
+    logprobs when the best is it); from there on, plain greedy with the stop token."""
     full = one(tok_llm, PROMPT, greedy(24, ignore_eos=True)).outputs[0]
     stop_tok = full.token_ids[2]
-    params = greedy(24, ignore_eos=True, stop_token_ids=[stop_tok], min_tokens=8)
+    min_tokens = 8
+    params = greedy(24, ignore_eos=True, stop_token_ids=[stop_tok], min_tokens=min_tokens)
     out = one(tok_llm, PROMPT, params).outputs[0]
-    assert out.token_ids[:2] == full.token_ids[:2]
-    assert stop_tok not in out.token_ids[:8]
-    assert len(out.token_ids) >= 8
-    if stop_tok in out.token_ids:
-        assert out.token_ids[-1] == stop_tok and out.finish_reason == "stop"
+
+    ids = list(tok_llm.get_tokenizer()(PROMPT)["input_ids"])
+    assert one(tok_llm, {"prompt_token_ids": ids}, greedy(1)).outputs[0].token_ids == \
+        full.token_ids[:1], "the token-id prompt is not the text prompt"
+    forced = []
+    for _ in range(min_tokens):
+        top = one(tok_llm, {"prompt_token_ids": ids + forced},
+                  greedy(1, ignore_eos=True, logprobs=2)).outputs[0].logprobs[0]
+        best, runner_up = sorted(top, key=top.get, reverse=True)[:2]
+        forced.append(runner_up if best == stop_tok else best)
+    rest = one(tok_llm, {"prompt_token_ids": ids + forced},
+               greedy(24 - min_tokens, ignore_eos=True, stop_token_ids=[stop_tok])).outputs[0]
+    assert forced[2] != stop_tok  # the mask had something to do
+    assert out.token_ids == forced + rest.token_ids
+    assert (out.finish_reason, out.stop_reason) == (rest.finish_reason, rest.stop_reason)
+
+    # A second stop token, the one greedy takes right at min_tokens: masked before (it was
+    # never the best there, so the path is the same), honoured from there on.
+    at_min = rest.token_ids[0]
+    assert at_min not in forced
+    params = greedy(24, ignore_eos=True, stop_token_ids=[stop_tok, at_min], min_tokens=min_tokens)
+    out = one(tok_llm, PROMPT, params).outputs[0]
+    assert out.token_ids == [*forced, at_min]
+    assert (out.finish_reason, out.stop_reason) == ("stop", at_min)
 
 
 def test_eos_min_tokens_and_ignore_eos_on_the_real_model(default_llm: LLM) -> None:
