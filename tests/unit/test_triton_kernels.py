@@ -331,11 +331,30 @@ def test_decode_attention_odd_groups_small_pages_three_splits() -> None:
     assert _rel_err(out, _reference(b, 0.2)) < 1e-3
 
 
-def test_choose_num_splits_and_workspace_sizing() -> None:
+def test_choose_num_splits_worked_example() -> None:
+    """Off-GPU the device counts as 8 SMs, so the target is 4 programs x 8 SMs = 32; a batch
+    splits into the largest power of two <= 32 // (num_reqs * num_kv_heads), and not at all
+    once twice its unsplit programs exceed 32."""
     cpu = torch.device("cpu")
-    splits = [choose_num_splits(n, 8, cpu) for n in range(1, 65)]
-    assert all(s >= 1 and s & (s - 1) == 0 for s in splits)  # powers of two
-    assert splits == sorted(splits, reverse=True)  # more requests, fewer splits
-    acc, stat_max, stat_sum = decode_workspace(64, 16, 128, splits[0], cpu, num_kv_heads=8)
-    need = max(n * s for n, s in enumerate(splits, start=1) if s > 1)
-    assert acc.shape == (need, 16, 128) and stat_max.shape == stat_sum.shape == (need, 16)
+    # 2 KV heads: 32 // 2n = 16, 8, 5, 4, 3, 2, 2, 2 for n = 1..8; n = 9: 36 > 32.
+    assert [choose_num_splits(n, 2, cpu) for n in range(1, 11)] == [16, 8, 4, 4, 2, 2, 2, 2, 1, 1]
+    # 8 KV heads: 32 // 8 = 4, 32 // 16 = 2; n = 3: 48 > 32.
+    assert [choose_num_splits(n, 8, cpu) for n in range(1, 5)] == [4, 2, 1, 1]
+
+
+@pytest.mark.parametrize(("max_reqs", "max_splits", "kv_heads", "rows"), [
+    # Splits capped at 4 (from the example above, 2 KV heads): [4, 4, 4, 4, 2, 2, 2] for
+    # n = 1..7, so n * splits = 4, 8, 12, 16, 10, 12, 14: 16 rows (not 7 * 4 = 28).
+    (7, 4, 2, 16),
+    (3, 4, 2, 12),  # 4, 8, 12: the largest batch decides
+    (64, 4, 8, 4),  # [4, 2, 1, ...]: 1 * 4 = 2 * 2 = 4, then single-split batches
+    (16, 64, 32, 1),  # 32 KV heads never split: one row (unused) keeps the buffers valid
+])
+def test_decode_workspace_rows_by_hand(max_reqs: int, max_splits: int, kv_heads: int,
+                                       rows: int) -> None:
+    acc, stat_max, stat_sum = decode_workspace(max_reqs, 6, HEAD_DIM, max_splits,
+                                               torch.device("cpu"), num_kv_heads=kv_heads)
+    assert acc.shape == (rows, 6, HEAD_DIM) and stat_max.shape == stat_sum.shape == (rows, 6)
+    # Without the KV head count: every request may take every split.
+    assert decode_workspace(max_reqs, 6, HEAD_DIM, max_splits, torch.device("cpu"))[0].shape[0] \
+        == max_reqs * max_splits
