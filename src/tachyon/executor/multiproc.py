@@ -1,11 +1,11 @@
 """One process per tensor-parallel rank (``tensor_parallel_size > 1``).
 
 Every rank runs a ``TPWorker``: a ``ModelRunner`` that holds this rank's shard of the weights
-and of the KV heads. Rank 0 drives: it takes each ``SchedulerOutput`` as bytes (pickled once),
-broadcasts them to the other ranks over the gloo control plane, runs the step and returns the
-sampled tokens. The other ranks run the same step from the same bytes and meet rank 0 in the
-forward's all-reduces. Every rank samples from the same gathered logits with the same seeds;
-only rank 0's tokens leave, but every rank holds the same ones on its device, which is what
+and of the KV heads. Each ``SchedulerOutput`` is pickled once by the driver and reaches every
+rank through one shared-memory ring (``distributed/shm_broadcast.py``); every rank runs the
+step from the same bytes, and the ranks meet in the forward's all-reduces. Rank 0 returns the
+sampled tokens. Every rank samples from the same gathered logits with the same seeds; only
+rank 0's tokens leave, but every rank holds the same ones on its device, which is what
 asynchronous scheduling needs (step N+1 is queued, its inputs filled on the device from step
 N's samples, before step N's tokens reach the host).
 
@@ -16,16 +16,17 @@ How the ranks start:
   ``file://`` store in a fresh temp dir: no port, so engines never collide. Workers are
   forked while that is safe (CUDA not initialised in the driver), so a script without an
   ``if __name__ == "__main__":`` guard works; otherwise they are spawned, which re-imports
-  the main module in every worker. The driver talks to rank 0 over a pipe and watches every
-  worker: a rank that dies or raises becomes a ``RuntimeError`` in the driver at once, never
-  a hang, carrying the rank's exception, or for a rank that died without one (a crash, a
-  failure while a spawned worker imports the main module) the last lines of its stderr,
-  which the driver relays. Workers leave when the driver shuts down, drops the executor or
-  exits (a finalizer), or dies (pipe EOF and a parent watchdog).
+  the main module in every worker. The driver writes steps to the ring, reads rank 0's
+  replies from a pipe and watches every worker: a rank that dies or raises becomes a
+  ``RuntimeError`` in the driver at once, never a hang, carrying the rank's exception, or
+  for a rank that died without one (a crash, a failure while a spawned worker imports the
+  main module) the last lines of its stderr, which the driver relays. Workers leave when the
+  driver shuts down, drops the executor or exits (a finalizer), or dies (a parent watchdog).
 * **torchrun** (any number of machines). RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR are
   set, so nothing is spawned: this process is rank RANK on ``cuda:LOCAL_RANK``. Rank 0 drives
-  in-process; every other rank serves inside this constructor and, when rank 0 shuts down,
-  leaves the program (``SystemExit(0)``). See docs/multi_node.md.
+  in-process and broadcasts each step over the gloo control plane (the ranks may be on other
+  machines, out of the ring's reach); every other rank serves inside this constructor and,
+  when rank 0 shuts down, leaves the program (``SystemExit(0)``). See docs/multi_node.md.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import shutil
 import signal
 import sys
@@ -46,6 +48,7 @@ import time
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -59,6 +62,7 @@ from tachyon.distributed.parallel_state import (
     destroy_distributed,
     init_distributed,
 )
+from tachyon.distributed.shm_broadcast import RingSpec, ShmBroadcastReader, ShmBroadcastWriter
 from tachyon.executor.stderr_relay import StderrRelay
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, named_tensor_list
 from tachyon.lora.request import LoRARequest
@@ -71,9 +75,6 @@ logger = logging.getLogger(__name__)
 _STOP = pickle.dumps(None)  # the step that ends the serve loops
 # A clean shutdown gets this long (NCCL teardown included) before the workers are killed.
 SHUTDOWN_GRACE_S = 10.0
-# How often rank 0 looks for the driver's next step while the device finishes the last one:
-# short against a step (milliseconds), long enough not to busy-spin a core.
-_POLL_INTERVAL_S = 50e-6
 # After a first failure, how long to wait for the other ranks' reports, to name every cause.
 FAILURE_SETTLE_S = 0.5
 # Worker processes are named this plus their rank; the name reaches a spawned worker before
@@ -100,37 +101,34 @@ class TPWorker:
         self.graph_stats = {**self.runner.graph_stats, "tp": world_size}
 
     def execute_async(self, payload: bytes) -> PendingOutput | CallReply:
-        """Rank 0: ship the pickled step (or ``RankCall``) to the other ranks, then queue it
-        here (a call runs at once)."""
-        self.control.broadcast_bytes(payload)
+        """Queue a pickled step here, or run a ``RankCall`` at once."""
         msg = pickle.loads(payload)
         if isinstance(msg, RankCall):
             return msg.run(self.runner)
         return self.runner.execute_async(msg)
 
-    def serve(self) -> None:
-        """Ranks > 0: run what rank 0 broadcasts until it broadcasts the stop. Each step is
+    def serve(self, next_payload: Callable[[], bytes]) -> None:
+        """Ranks > 0: run the steps ``next_payload`` returns until the stop. Each step is
         queued before the previous one is finished, as on rank 0 (asynchronous scheduling
         fills a step's inputs on the device from the previous step's samples)."""
         prev: PendingOutput | None = None
-        while (out := pickle.loads(self.control.broadcast_bytes(None))) is not None:
-            if isinstance(out, RankCall):
+        while (payload := next_payload()) != _STOP:
+            msg = pickle.loads(payload)
+            if isinstance(msg, RankCall):
                 if prev is not None:
                     prev.result()
                     prev = None
-                out.run(self.runner)  # rank 0 reports the outcome, the same on every rank
+                msg.run(self.runner)  # rank 0 reports the outcome, the same on every rank
                 continue
-            pending = self.runner.execute_async(out)
+            pending = self.runner.execute_async(msg)
             if prev is not None:
                 prev.result()
             prev = pending
 
     def close(self) -> None:
-        """Rank 0 tells the others to stop first; then every rank leaves the world."""
+        """Leave the world (the ranks were told to stop, or are being stopped)."""
         if self.runner is None:
             return
-        if self.rank == 0:
-            self.control.broadcast_bytes(_STOP)
         # Graphs and KV cache go before the communicator their collectives use.
         if self.runner.graph_runner is not None:
             self.runner.graph_runner.release()
@@ -240,9 +238,10 @@ class _LaunchedRank0:
         self.graph_stats = worker.graph_stats
         self.pids = [os.getpid()]
         # At exit too: the other ranks must hear the stop, or they wait out their timeout.
-        self._finalizer = weakref.finalize(self, worker.close)
+        self._finalizer = weakref.finalize(self, _stop_launched, worker)
 
     def submit(self, payload: bytes) -> PendingOutput | CallReply:
+        self.worker.control.broadcast_bytes(payload)
         return self.worker.execute_async(payload)
 
     def close(self) -> None:
@@ -260,9 +259,15 @@ def _join_launched_world(config: EngineConfig, world: int, launch: LaunchEnv) ->
     if launch.rank == 0:
         return _LaunchedRank0(worker)
     logger.info("tensor-parallel rank %d of %d serves rank 0", launch.rank, world)
-    worker.serve()
+    worker.serve(lambda: worker.control.broadcast_bytes(None))
     worker.close()
     raise SystemExit(0)  # this rank's program is rank 0's: nothing of the caller's runs here
+
+
+def _stop_launched(worker: TPWorker) -> None:
+    if worker.runner is not None:
+        worker.control.broadcast_bytes(_STOP)
+    worker.close()
 
 
 def _check_gpus(config: EngineConfig, needed: int) -> None:
@@ -280,21 +285,25 @@ class _SpawnedRanks:
     Messages, worker to driver: ("ready", (num_blocks, report, graph stats)) once from each
     rank; ("result", ModelRunnerOutput) from rank 0 per step (a ``CallReply`` per
     ``RankCall``), in step order; ("error", _RemoteError) from a rank that fails, which then
-    exits. Driver to rank 0: pickled steps and calls, ``_STOP`` at the end.
+    exits. Driver to every rank, through the ring: pickled steps and calls, ``_STOP`` at the
+    end.
     """
 
     def __init__(self, config: EngineConfig, world: int) -> None:
         _check_not_in_a_worker()
         _check_gpus(config, world)
         ctx = mp.get_context(_start_method(config.device))
-        self.store_dir = tempfile.mkdtemp(prefix="tachyon-tp-")  # where the ranks meet
+        # Where the ranks meet and the ring lives: a tmpfs, so the ring is memory, not disk.
+        self.store_dir = tempfile.mkdtemp(prefix="tachyon-tp-", dir=_tmpfs_dir())
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
-        self._workers = _Workers(self.procs, self.conns, self.store_dir)
+        self.ring = RingSpec.create(ctx, self.store_dir, num_readers=world)
+        self._workers = _Workers(self.procs, self.conns, self.store_dir,
+                                 ShmBroadcastWriter(self.ring))
         self._finalizer = weakref.finalize(self, self._workers.shut_down)
         self.failure: str | None = None
         self._ended: set[int] = set()  # ranks whose error or death was reported
-        self._sent = self._received = 0  # steps sent to rank 0, replies read
+        self._sent = self._received = 0  # steps sent to the ranks, replies read
         self._unclaimed: dict[int, ModelRunnerOutput] = {}
         self._stderr: list[StderrRelay] = []
         try:
@@ -309,9 +318,10 @@ class _SpawnedRanks:
         level = logging.getLogger().getEffectiveLevel()
         try:
             for rank in range(world):
-                ours, theirs = ctx.Pipe()
+                ours, theirs = ctx.Pipe(duplex=False)  # replies and errors only
                 p = ctx.Process(target=_worker_main, name=f"{_WORKER_NAME}{rank}", daemon=True,
-                                args=(config, rank, world, self.store_dir, theirs, level))
+                                args=(config, rank, world, self.store_dir, self.ring, theirs,
+                                      level))
                 self._stderr.append(StderrRelay(p))
                 theirs.close()
                 self.procs.append(p)
@@ -327,15 +337,12 @@ class _SpawnedRanks:
         return [p.pid for p in self.procs]
 
     def submit(self, payload: bytes) -> _RemotePending:
-        """Send a step to rank 0. Replies come back in the order the steps went out."""
+        """Publish a step to every rank. Replies come back in the order the steps went out."""
         if self.failure is not None:
             raise RuntimeError(f"{self.failure} (the tensor-parallel workers are gone; "
                                f"start a new engine)")
-        if not all(p.is_alive() for p in self.procs):
-            self._fail([])
-        try:
-            self.conns[0].send_bytes(payload)
-        except OSError:  # rank 0 is gone
+        if self._workers.any_dead() or not self._workers.writer.write(payload,
+                                                                       self._workers.any_dead):
             self._fail([])
         self._sent += 1
         return _RemotePending(self, self._sent - 1)
@@ -452,6 +459,12 @@ class _SpawnedRanks:
         return text
 
 
+def _tmpfs_dir() -> str | None:
+    """``/dev/shm`` where it is a writable directory (Linux), else the default temp dir."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
 def _start_method(device: str) -> str:
     """``fork`` where it is safe, else ``spawn``.
 
@@ -516,17 +529,20 @@ class _Workers:
     procs: list[mp.process.BaseProcess]
     conns: list[Connection]
     store_dir: str
+    writer: ShmBroadcastWriter
     serving: bool = False  # every rank started and none failed: a clean stop is possible
 
+    def any_dead(self) -> bool:
+        return not all(p.is_alive() for p in self.procs)
+
     def shut_down(self) -> None:
-        """Ask rank 0 to stop (it tells the others), give them a grace, kill what is left."""
+        """Tell the ranks to stop, give them a grace, kill what is left."""
         grace = 0.0
-        if self.serving and all(p.is_alive() for p in self.procs):
-            try:
-                self.conns[0].send_bytes(_STOP)
+        if self.serving and not self.any_dead():
+            # A full ring means a rank stopped reading: then there is no clean stop to wait for.
+            give_up = time.monotonic() + SHUTDOWN_GRACE_S
+            if self.writer.write(_STOP, lambda: self.any_dead() or time.monotonic() > give_up):
                 grace = SHUTDOWN_GRACE_S
-            except OSError:
-                pass
         deadline = time.monotonic() + grace
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -536,6 +552,7 @@ class _Workers:
             p.join()
         for c in self.conns:
             c.close()
+        self.writer.close()
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
@@ -551,7 +568,7 @@ def _describe_exit(code: int | None) -> str:
 
 
 # -- spawned workers: the worker's side ----------------------------------------------------------
-def _worker_main(config: EngineConfig, rank: int, world: int, store_dir: str,
+def _worker_main(config: EngineConfig, rank: int, world: int, store_dir: str, ring: RingSpec,
                  conn: Connection, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     _exit_with_parent(store_dir)
@@ -562,12 +579,13 @@ def _worker_main(config: EngineConfig, rank: int, world: int, store_dir: str,
     if config.device == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
+        steps = ShmBroadcastReader(ring, rank)
         worker = TPWorker(config, rank, world, rank, init_method)
         conn.send(("ready", (worker.num_blocks, worker.startup_report, worker.graph_stats)))
         if rank == 0:
-            _drive(worker, conn)
+            _drive(worker, steps, conn)
         else:
-            worker.serve()
+            worker.serve(steps.read)
         worker.close()
         code = 0
     except BaseException as e:
@@ -581,34 +599,61 @@ def _worker_main(config: EngineConfig, rank: int, world: int, store_dir: str,
     os._exit(code)
 
 
-def _drive(worker: TPWorker, conn: Connection) -> None:
-    """Rank 0's loop: steps from the driver's pipe until the stop or the driver's end (EOF).
+def _drive(worker: TPWorker, steps: ShmBroadcastReader, conn: Connection) -> None:
+    """Rank 0's loop: steps from the ring until the stop, and a reply per step to the driver,
+    in order.
 
     A step that arrives while the last one still runs on the device is queued before the
-    last one is finished, so the device never waits for this loop's host work.
+    last one is finished, so the device never waits for this loop's host work. Between the
+    two the loop sleeps on its doorbell, which the driver rings with each step and a watcher
+    thread rings when the oldest step's device work ends: no polling.
     """
-    inflight: deque[PendingOutput] = deque()
+    inflight: deque[PendingOutput | CallReply] = deque()
+    watcher = _DeviceWatcher(steps.wake)
     while True:
-        if inflight and not _next_step_first(conn, inflight[0]):
-            conn.send(("result", inflight.popleft().result()))
-            continue
-        try:
-            payload = conn.recv_bytes()
-        except EOFError:
-            return
+        payload = steps.try_read()
         if payload == _STOP:
             return
-        inflight.append(worker.execute_async(payload))
+        if payload is not None:
+            inflight.append(worker.execute_async(payload))
+        elif inflight and _device_done(inflight[0]):
+            conn.send(("result", inflight.popleft().result()))
+        else:
+            if inflight:
+                watcher.watch(inflight[0])
+            steps.wait()
 
 
-def _next_step_first(conn: Connection, pending: PendingOutput) -> bool:
-    """Wait until the driver's next step arrives (True) or ``pending`` is done (False)."""
-    event = pending.event
-    while event is not None and not event.query():
-        if conn.poll():
-            return True
-        time.sleep(_POLL_INTERVAL_S)
-    return conn.poll()
+def _device_done(pending: PendingOutput | CallReply) -> bool:
+    return pending.event is None or pending.event.query()
+
+
+class _DeviceWatcher:
+    """A thread that calls ``wake`` when a watched step's device work has ended (a CUDA
+    event cannot be waited on together with a semaphore, so the wait gets its own thread).
+    Watching the same step twice is a no-op; a wake for a step already handled is harmless
+    (the loop finds nothing new and sleeps again)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._last: object | None = None
+        self._thread: threading.Thread | None = None
+
+    def watch(self, pending: PendingOutput | CallReply) -> None:
+        if pending is self._last:
+            return
+        self._last = pending
+        if self._thread is None:  # lazily: a CPU rank never needs it
+            self._thread = threading.Thread(target=self._run, name="tachyon-tp-watch",
+                                            daemon=True)
+            self._thread.start()
+        self._events.put(pending.event)
+
+    def _run(self) -> None:
+        while True:
+            self._events.get().synchronize()  # releases the GIL while the device works
+            self._wake()
 
 
 def _report(conn: Connection, e: BaseException) -> None:
