@@ -423,8 +423,10 @@ class _SpawnedRanks:
         self._workers.serving = False  # no clean stop: ranks may be stuck in a collective
         self._finalizer()
         deaths = sorted((r, code) for r, kind, code in events if kind == "died")
+        # Earliest raised first: that is the cause; peers stuck in a collective with the
+        # failed rank raise only after it has gone.
         errors: list[tuple[int, _RemoteError]] = sorted(
-            ((r, err) for r, kind, err in events if kind == "error"), key=lambda e: e[0])
+            ((r, err) for r, kind, err in events if kind == "error"), key=lambda e: e[1].raised_at)
         if starting and errors and errors[0][1].bad_input:
             # e.g. heads not divisible by the TP size: the ValueError a user can act on
             raise ValueError(f"{errors[0][1].message} (tensor-parallel rank {errors[0][0]})")
@@ -520,6 +522,7 @@ class _RemoteError:
     message: str
     traceback: str
     bad_input: bool  # a ValueError: the driver re-raises it as one
+    raised_at: float  # time.time() when caught: the ranks of one machine share its clock
 
 
 @dataclass
@@ -657,7 +660,8 @@ class _DeviceWatcher:
 
 
 def _report(conn: Connection, e: BaseException) -> None:
-    err = _RemoteError(type(e).__name__, str(e), traceback.format_exc(), isinstance(e, ValueError))
+    err = _RemoteError(type(e).__name__, str(e), traceback.format_exc(), isinstance(e, ValueError),
+                       time.time())
     with contextlib.suppress(OSError):  # the driver is gone: nobody to tell
         conn.send(("error", err))
 
