@@ -235,7 +235,7 @@ def test_full_decode_graphs_replay_the_collectives(models: dict[str, str],
         llm.shutdown()
     assert [o.outputs[0].token_ids for o in out] == [_hf_greedy(models["llama"], p)[0]
                                                      for p in prompts]
-    replays = log.read_text().split()
+    replays = log.read_text().split() if log.exists() else []  # none: every step ran eager
     per_rank = {pid: replays.count(pid) for pid in set(replays)}
     assert len(per_rank) == 2 and str(os.getpid()) not in per_rank, per_rank
     # Each of the last MAX_NEW - 1 tokens of every request is decoded in a uniform batch of
