@@ -33,9 +33,11 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+def _top_level_imports(tree: ast.Module,
+                       type_checking: bool = False) -> list[ast.Import | ast.ImportFrom]:
     """Imports executed when the module is imported: module body, and the bodies of top-level
-    ``if`` / ``try`` blocks (except ``if TYPE_CHECKING``); never function or class bodies."""
+    ``if`` / ``try`` blocks (``if TYPE_CHECKING`` too only with ``type_checking``); never
+    function or class bodies."""
     found: list[ast.Import | ast.ImportFrom] = []
     stack: list[ast.stmt] = list(tree.body)
     while stack:
@@ -43,7 +45,7 @@ def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
         elif isinstance(node, ast.If):
-            if not _is_type_checking(node.test):
+            if type_checking or not _is_type_checking(node.test):
                 stack.extend(node.body)
             stack.extend(node.orelse)
         elif isinstance(node, ast.Try):
@@ -76,7 +78,7 @@ def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_pkg: bool,
     return targets
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(type_checking: bool = False) -> dict[str, set[str]]:
     files = sorted(PACKAGE_ROOT.rglob("*.py"))
     known = {_module_name(f) for f in files}
     graph: dict[str, set[str]] = {}
@@ -84,7 +86,7 @@ def import_graph() -> dict[str, set[str]]:
         mod = _module_name(f)
         tree = ast.parse(f.read_text(), filename=str(f))
         edges: set[str] = set()
-        for node in _top_level_imports(tree):
+        for node in _top_level_imports(tree, type_checking):
             edges |= _resolve(node, mod, f.name == "__init__.py", known)
         # Importing a submodule runs its parent packages' __init__ first: that is not an edge
         # we can break, so only the module itself counts.
@@ -125,6 +127,32 @@ def test_package_has_no_import_cycle() -> None:
     assert "tachyon.engine.scheduler" in graph  # the walk saw the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Arrows point down (DESIGN.md): what each layer may not import, type annotations included.
+# The step's data types live in tachyon.step, below everyone who exchanges them.
+_ABOVE_EXECUTOR = ("tachyon.engine", "tachyon.entrypoints", "tachyon.bench")
+_ABOVE_WORKER = (*_ABOVE_EXECUTOR, "tachyon.executor")
+_ABOVE_GRAPHS = (*_ABOVE_WORKER, "tachyon.worker")
+NOT_IMPORTED_BY = {
+    "tachyon.executor": _ABOVE_EXECUTOR,
+    "tachyon.worker": _ABOVE_WORKER,
+    "tachyon.cudagraph": _ABOVE_GRAPHS,
+    "tachyon.attention": _ABOVE_GRAPHS,
+    "tachyon.models": (*_ABOVE_GRAPHS, "tachyon.cudagraph"),  # never knows the graph mode
+    "tachyon.layers": (*_ABOVE_GRAPHS, "tachyon.cudagraph", "tachyon.models"),
+}
+
+
+def test_arrows_point_down() -> None:
+    graph = import_graph(type_checking=True)
+    upward = sorted(
+        f"{mod} -> {target}"
+        for mod, targets in graph.items() for target in targets
+        for layer, above in NOT_IMPORTED_BY.items()
+        if (mod == layer or mod.startswith(layer + "."))
+        and any(target == a or target.startswith(a + ".") for a in above))
+    assert not upward, "imports that point up:\n" + "\n".join(upward)
 
 
 # The engine side: scheduling, KV bookkeeping, requests, the core loop (it creates its
