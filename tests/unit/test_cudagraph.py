@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import pytest
 
-from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
+from graph_testing import PersistentTorchBackend
+from tachyon.attention.torch_backend import TorchAttentionBackend
 from tachyon.config import EngineArgs
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
 from tachyon.cudagraph.modes import CGSupport, CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
@@ -127,25 +128,6 @@ def test_dispatch_priority_per_mode():
 
 
 # -- emulated capture/replay -----------------------------------------------------------------
-
-
-class PersistentTorchBackend(TorchAttentionBackend):
-    """Reference attention that keeps the persistent-buffer contract: it plans from the
-    device tensors at forward time (on a CPU that costs nothing), never from host copies."""
-
-    name: ClassVar[str] = "torch-persistent"
-    cudagraph_support: ClassVar[CGSupport] = CGSupport.ALWAYS
-
-    def build_metadata(self, common):
-        return TorchAttentionMetadata(common, [])  # nothing planned from host copies
-
-    def forward(self, query, key, value, k_cache, v_cache, metadata, output):
-        c = metadata.common
-        qsl, lens = c.query_start_loc.tolist(), c.seq_lens.tolist()
-        spans = [(r, qsl[r], qsl[r + 1], lens[r]) for r in range(c.num_reqs)
-                 if lens[r] > 0 and qsl[r + 1] > qsl[r]]
-        super().forward(query, key, value, k_cache, v_cache,
-                        TorchAttentionMetadata(c, spans), output)
 
 
 class StaleTorchBackend(TorchAttentionBackend):

@@ -15,31 +15,13 @@ from typing import ClassVar
 
 import pytest
 
-from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
+from graph_testing import PersistentTorchBackend
+from tachyon.attention.torch_backend import TorchAttentionMetadata
 from tachyon.cudagraph.contract import GraphContractError, check_replay, signature
-from tachyon.cudagraph.modes import CGSupport
 from tachyon_testing import TINY_VOCAB
 
 
-class _PlanAtForward(TorchAttentionBackend):
-    """Keeps the contract: metadata holds only persistent buffers; plans in forward."""
-
-    name: ClassVar[str] = "torch-plan-at-forward"
-    cudagraph_support: ClassVar[CGSupport] = CGSupport.ALWAYS
-
-    def build_metadata(self, common):
-        return TorchAttentionMetadata(common, [])
-
-    def forward(self, query, key, value, k_cache, v_cache, metadata, output):
-        c = metadata.common
-        qsl, lens = c.query_start_loc.tolist(), c.seq_lens.tolist()
-        spans = [(r, qsl[r], qsl[r + 1], lens[r]) for r in range(c.num_reqs)
-                 if lens[r] > 0 and qsl[r + 1] > qsl[r]]
-        super().forward(query, key, value, k_cache, v_cache,
-                        TorchAttentionMetadata(c, spans), output)
-
-
-class _LongestSequenceInMetadata(_PlanAtForward):
+class _LongestSequenceInMetadata(PersistentTorchBackend):
     """Breaks the contract the way a kernel sized by the longest sequence would: a
     data-dependent scalar in the metadata a FULL graph captures."""
 
@@ -84,8 +66,8 @@ def _greedy(llm, prompts):
 
 def test_full_graphs_with_earlier_context_match_eager(tiny_llama, monkeypatch):
     prompts = _long_and_short(seed=18)
-    ref = _greedy(_llm(tiny_llama, monkeypatch, _PlanAtForward, "NONE"), prompts)
-    llm = _llm(tiny_llama, monkeypatch, _PlanAtForward, "FULL")
+    ref = _greedy(_llm(tiny_llama, monkeypatch, PersistentTorchBackend, "NONE"), prompts)
+    llm = _llm(tiny_llama, monkeypatch, PersistentTorchBackend, "FULL")
     assert llm.engine.executor.runner.graph_runner.check_contract
     assert _greedy(llm, prompts) == ref
     assert ref[0] == ref[1], "the eager reference itself depends on the batch"

@@ -111,8 +111,7 @@ def test_lru_between_gpu_slots_and_cpu(tiny_models: dict[str, Path],
 
 
 def _emulated_full_llm(path: Path, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> LLM:
-    from test_cudagraph import PersistentTorchBackend
-
+    from graph_testing import PersistentTorchBackend
     from tachyon.worker import model_runner
 
     monkeypatch.setenv("TACHYON_EMULATE_CUDAGRAPHS", "1")

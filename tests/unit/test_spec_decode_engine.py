@@ -10,8 +10,8 @@ from typing import ClassVar
 
 import pytest
 
+from graph_testing import PersistentTorchBackend
 from tachyon import LLM, SamplingParams
-from tachyon.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
 from tachyon.cudagraph.dispatcher import BatchDescriptor
 from tachyon.cudagraph.modes import CGSupport, RuntimeMode
 from tachyon_testing import TINY_VOCAB, check_kv_invariants
@@ -19,25 +19,7 @@ from tachyon_testing import TINY_VOCAB, check_kv_invariants
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
 
 
-class _PlanAtForward(TorchAttentionBackend):
-    """Capturable on CPU under emulation: metadata holds only persistent buffers."""
-
-    name: ClassVar[str] = "torch-plan-at-forward"
-    cudagraph_support: ClassVar[CGSupport] = CGSupport.ALWAYS
-
-    def build_metadata(self, common):
-        return TorchAttentionMetadata(common, [])
-
-    def forward(self, query, key, value, k_cache, v_cache, metadata, output):
-        c = metadata.common
-        qsl, lens = c.query_start_loc.tolist(), c.seq_lens.tolist()
-        spans = [(r, qsl[r], qsl[r + 1], lens[r]) for r in range(c.num_reqs)
-                 if lens[r] > 0 and qsl[r + 1] > qsl[r]]
-        super().forward(query, key, value, k_cache, v_cache,
-                        TorchAttentionMetadata(c, spans), output)
-
-
-class _UniformBatchOnly(_PlanAtForward):
+class _UniformBatchOnly(PersistentTorchBackend):
     name: ClassVar[str] = "torch-uniform-batch"
     cudagraph_support: ClassVar[CGSupport] = CGSupport.UNIFORM_BATCH
 
@@ -77,7 +59,7 @@ def _all_free(llm: LLM) -> None:
     assert kv.num_free_blocks == kv.pool.num_blocks
 
 
-@pytest.mark.parametrize("mode, backend", [("NONE", None), ("FULL", _PlanAtForward),
+@pytest.mark.parametrize("mode, backend", [("NONE", None), ("FULL", PersistentTorchBackend),
                                            ("FULL_AND_PIECEWISE", _UniformBatchOnly)])
 def test_greedy_identity_with_chunked_prefill_and_preemption(tiny_llama, monkeypatch, mode,
                                                             backend):
@@ -103,7 +85,7 @@ def test_greedy_identity_with_chunked_prefill_and_preemption(tiny_llama, monkeyp
 def test_a_verify_step_replays_its_graph_padded(tiny_llama, monkeypatch):
     """Three requests with three drafts each: the 4-request verify graph; the padded request
     takes 1 + k tokens with slot -1 and no context."""
-    llm = _llm(tiny_llama, monkeypatch, "FULL", _PlanAtForward, NGRAM)
+    llm = _llm(tiny_llama, monkeypatch, "FULL", PersistentTorchBackend, NGRAM)
     eng = llm.engine
     runner = eng.executor.runner
     seen = []

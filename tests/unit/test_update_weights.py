@@ -109,8 +109,7 @@ def test_update_weights_matches_hf(name: str, tiny_models: dict[str, Path],
 
 
 def _emulated_full_llm(path: Path, monkeypatch: pytest.MonkeyPatch) -> LLM:
-    from test_cudagraph import PersistentTorchBackend
-
+    from graph_testing import PersistentTorchBackend
     from tachyon.worker import model_runner
 
     monkeypatch.setenv("TACHYON_EMULATE_CUDAGRAPHS", "1")
