@@ -28,6 +28,8 @@ CTX = mp.get_context("fork")
 # not poll (a 50 us sleep-poll loop costs several percent; a pure spin, 100%).
 IDLE_S = 0.5
 IDLE_CPU_FRACTION = 0.02
+# An example takes milliseconds; one this slow is a lost message or a lost wake-up.
+STUCK_S = 10.0
 
 
 def _churn(draws: list[tuple[int, int, int]]) -> list[bytes]:
@@ -79,16 +81,17 @@ def test_every_reader_gets_every_step_in_order(tmp_path_factory, draws, num_slot
     spec = RingSpec.create(CTX, str(root), len(speeds), num_slots, SLOT_BYTES)
     writer = ShmBroadcastWriter(spec)
     got: list[list[bytes]] = [[] for _ in speeds]
-    readers = [threading.Thread(target=_read_all,
+    readers = [threading.Thread(target=_read_all, daemon=True,
                                 args=(ShmBroadcastReader(spec, r), len(steps), delays, got[r]))
                for r, delays in enumerate(speeds)]
     for t in readers:
         t.start()
+    deadline = time.monotonic() + STUCK_S
     for payload in steps:
-        assert writer.write(payload)
+        assert writer.write(payload, lambda: time.monotonic() > deadline), "ring stuck"
         assert len(os.listdir(root)) <= 1 + num_slots  # the ring, side files of live slots
     for t in readers:
-        t.join(timeout=30)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     assert all(not t.is_alive() for t in readers)
     for r, stream in enumerate(got):
         assert stream == steps, f"reader {r} (delays {speeds[r]})"
@@ -121,6 +124,7 @@ def test_a_waiting_reader_sleeps(tmp_path: Path) -> None:
     result: dict[str, float] = {}
 
     def wait_for_one() -> None:
+        result["started"] = time.perf_counter()
         cpu = time.thread_time()
         reader.read()
         result["woke"] = time.perf_counter()
@@ -134,6 +138,8 @@ def test_a_waiting_reader_sleeps(tmp_path: Path) -> None:
     t.join(timeout=5)
     assert result["cpu"] < IDLE_CPU_FRACTION * IDLE_S, result
     assert result["woke"] - sent < 0.05, result  # woken by the doorbell, not a timeout
+    # The wait is counted where the driver can read it (the step-time split).
+    assert IDLE_S <= writer.reader_wait_s(0) <= result["woke"] - result["started"], result
 
 
 def _reader_process(spec: RingSpec, rank: int, n: int, conn) -> None:

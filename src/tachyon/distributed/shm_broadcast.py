@@ -8,7 +8,8 @@ Layout, each field on its own 64-byte line so a reader's acknowledgement never s
 line with another reader's or with a slot the writer is filling::
 
     line 0                 the writer waits for space (1) or not (0)
-    line 1 + r             reader r's acknowledgement: how many messages it has read
+    line 1 + r             reader r's acknowledgement (how many messages it has read), then
+                           the nanoseconds it has spent in ``wait`` (for the step-time split)
     slot i (i < slots)     a header line (sequence number, length), then slot_bytes
 
 Invariants: message ``k`` (from 0) goes to slot ``k % slots``; its header's sequence number
@@ -19,7 +20,7 @@ reader ever misses a message or reads a torn one. A payload over ``slot_bytes`` 
 file named after its sequence number (length ``-1`` in the header), removed when its slot is
 reused.
 
-Waiting: a reader spins for ``SPIN_S`` (yielding the core) and then blocks on its doorbell, a
+Waiting: a reader spins for ``SPIN_NS`` (yielding the core) and then blocks on its doorbell, a
 semaphore the writer posts once per message. Posting a semaphore nobody waits on is a
 userspace atomic (no system call), so a writer whose readers keep up pays next to nothing.
 A reader takes back one post per message it reads, so stale posts stay few; one left over
@@ -48,7 +49,7 @@ DEFAULT_NUM_SLOTS = 8
 # step, or a weight update, go to a side file. Untouched slot pages take no memory.
 DEFAULT_SLOT_BYTES = 1 << 20
 # About one futex wake-up's latency: spinning longer costs more CPU than it saves in latency.
-SPIN_S = 50e-6
+SPIN_NS = 50_000
 # How often a writer waiting for space re-checks on its own: its wake-up can be lost in a race
 # with a reader's acknowledgement (the flag below is no fence), which this bounds.
 WRITER_RECHECK_S = 0.01
@@ -92,6 +93,9 @@ class RingSpec:
 
     def ack_offset(self, reader: int) -> int:
         return _LINE * (1 + reader)
+
+    def waited_offset(self, reader: int) -> int:
+        return self.ack_offset(reader) + _COUNTER.size
 
     def slot_offset(self, seq: int) -> int:
         """Where message ``seq``'s slot header is; its payload follows one line later."""
@@ -160,6 +164,10 @@ class ShmBroadcastWriter:
             _COUNTER.pack_into(self._buf, 0, 0)
         return True
 
+    def reader_wait_s(self, reader: int) -> float:
+        """How long ``reader`` has waited for messages so far, in seconds."""
+        return _COUNTER.unpack_from(self._buf, self.spec.waited_offset(reader))[0] * 1e-9
+
     def close(self) -> None:
         self._buf.close()
 
@@ -172,6 +180,7 @@ class ShmBroadcastReader:
         self._buf = _map(spec)
         self._doorbell = spec.doorbells[reader]
         self._next = 0
+        self._waited_ns = 0
 
     def try_read(self) -> bytes | None:
         """The next message if it has been published, else None (never waits)."""
@@ -195,13 +204,14 @@ class ShmBroadcastReader:
     def wait(self) -> None:
         """Return once a message may have arrived (or ``wake`` was called): spin briefly,
         then sleep on the doorbell. The caller re-checks with ``try_read``."""
-        deadline = time.perf_counter() + SPIN_S
-        while time.perf_counter() < deadline:
-            if self._published():
-                return
+        start = time.perf_counter_ns()
+        deadline = start + SPIN_NS
+        while time.perf_counter_ns() < deadline and not self._published():
             os.sched_yield()
         if not self._published():
             self._doorbell.acquire()
+        self._waited_ns += time.perf_counter_ns() - start
+        _COUNTER.pack_into(self._buf, self.spec.waited_offset(self.reader), self._waited_ns)
 
     def read(self) -> bytes:
         """The next message, waiting for it as long as it takes."""
