@@ -1,7 +1,12 @@
-"""The control plane: rank 0 tells the other ranks what to run, over gloo on the CPU.
+"""The gloo control plane: a CPU group over every rank, beside the TP group.
 
-Ranks other than 0 spend their life in ``broadcast_bytes`` waiting for the next step, so the
-control group is separate from the TP group (whose collectives run inside the forward, on
+It carries what the ranks agree on at start-up (``min_int``: the KV block count) and, under
+a launcher (torchrun, possibly several machines), each step from rank 0 to the others
+(``broadcast_bytes``). Ranks spawned on one machine get their steps from the shared-memory
+ring instead (``shm_broadcast.py``): no collective per step.
+
+Ranks under a launcher spend their life in ``broadcast_bytes`` waiting for the next step, so
+the control group is separate from the TP group (whose collectives run inside the forward, on
 NCCL when on CUDA) and has a timeout that outlasts any idle spell of the engine: gloo cannot
 wait forever. A rank that dies is not waited for: its peers' sockets close and gloo raises.
 """

@@ -5,8 +5,8 @@ or ``init_tensor_parallel`` directly) and read by the layers when they are built
 group set, the process is rank 0 of 1 and every collective is a no-op.
 
 The whole ``torch.distributed`` world is the TP group: NCCL on CUDA, gloo on CPU. Beside it,
-``init_distributed`` opens a gloo *control plane* (see ``control.py``) over which rank 0 tells
-the other ranks what to run.
+``init_distributed`` opens a gloo *control plane* (see ``control.py``) for what the ranks agree
+on at start-up and, under a launcher, for each step.
 """
 
 from __future__ import annotations
