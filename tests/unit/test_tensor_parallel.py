@@ -177,6 +177,8 @@ def test_tp4_equals_tp1_and_transformers(models: dict[str, str],
     try:
         assert len(tp4.engine.executor.worker_pids) == 4
         got = tp4.generate(prompts, _greedy(), use_tqdm=False)
+        waits = tp4.engine.executor.rank_wait_s()  # every rank read its steps off the ring
+        assert len(waits) == 4 and all(w > 0 for w in waits), waits
     finally:
         tp4.shutdown()
     _assert_greedy_matches(path, prompts, want, got)

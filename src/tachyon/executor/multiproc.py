@@ -157,6 +157,13 @@ class MultiprocExecutor:
         """Process ids of the ranks, rank 0 first."""
         return self._ranks.pids
 
+    def rank_wait_s(self) -> list[float] | None:
+        """Per rank, the seconds it has spent waiting for steps from the ring so far (the
+        control part of a step-time split); None under a launcher (no ring)."""
+        if isinstance(self._ranks, _LaunchedRank0):
+            return None
+        return [self._ranks.writer.reader_wait_s(r) for r in range(len(self._ranks.procs))]
+
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_model_async(out).result()
 
@@ -298,8 +305,8 @@ class _SpawnedRanks:
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self.ring = RingSpec.create(ctx, self.store_dir, num_readers=world)
-        self._workers = _Workers(self.procs, self.conns, self.store_dir,
-                                 ShmBroadcastWriter(self.ring))
+        self.writer = ShmBroadcastWriter(self.ring)
+        self._workers = _Workers(self.procs, self.conns, self.store_dir, self.writer)
         self._finalizer = weakref.finalize(self, self._workers.shut_down)
         self.failure: str | None = None
         self._ended: set[int] = set()  # ranks whose error or death was reported
@@ -341,8 +348,7 @@ class _SpawnedRanks:
         if self.failure is not None:
             raise RuntimeError(f"{self.failure} (the tensor-parallel workers are gone; "
                                f"start a new engine)")
-        if self._workers.any_dead() or not self._workers.writer.write(payload,
-                                                                       self._workers.any_dead):
+        if self._workers.any_dead() or not self.writer.write(payload, self._workers.any_dead):
             self._fail([])
         self._sent += 1
         return _RemotePending(self, self._sent - 1)
