@@ -75,6 +75,15 @@ def write_tiny_model(root: Path, name: str, seed: int = 0, **overrides: Any) -> 
     return path
 
 
+def load_hf(path: str | Path) -> Any:
+    """The HF reference: float64 weights, eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
+                                                 attn_implementation="eager")
+    return model.eval()
+
+
 # --------------------------------------------------------------------- KV cache bookkeeping
 
 

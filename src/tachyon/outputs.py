@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 # One generated position: token id -> logprob (sampled token first, then the top-k).
 Logprobs = list[dict[int, float]]
+# One entry per prompt token: None for the first (nothing predicts it), then token id ->
+# logprob (the prompt token first, then the top-k), as vLLM's ``prompt_logprobs``.
+PromptLogprobs = list[dict[int, float] | None]
 
 
 @dataclass
@@ -30,4 +33,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs
     metrics: dict[str, float] = field(default_factory=dict)

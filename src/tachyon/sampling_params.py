@@ -41,6 +41,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs per generated token (sampled one included)
+    # Top-k logprobs per prompt token after the first (the prompt token's own included).
+    # Such a request skips the prefix cache: cached positions would have no logits.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Constrain the output (a JSON schema, regex, choice or grammar); None: free text.
@@ -90,11 +93,10 @@ class SamplingParams:
                              f"(1 = off), got {self.repetition_penalty!r}")
         self._validate_lengths()
         self._validate_seed()
-        if self.logprobs is not None and (
-            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if self.stop_token_ids is not None and (

@@ -78,6 +78,10 @@ class ModelRunnerOutput:
     # fields above then hold the first of them.
     spec_token_ids: list[list[int]] | None = None
     spec_logprobs: list[list[list[tuple[int, float]]]] | None = None
+    # Requests with ``params.prompt_logprobs`` whose chunk covered prompt positions this
+    # step: request id -> (first prompt position scored, one row per position p from it:
+    # [(prompt token p + 1, logprob), top-k ...] from the logits at position p).
+    prompt_logprobs: dict[str, tuple[int, list[list[tuple[int, float]]]]] | None = None
 
 
 class PendingResult(Protocol):

@@ -20,7 +20,7 @@ import torch
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine
 from tachyon.sampling_params import SamplingParams
-from tachyon_testing import TINY_SPECS, TINY_VOCAB
+from tachyon_testing import TINY_SPECS, TINY_VOCAB, load_hf
 
 REL_TOL = 1e-4
 GGUF_REL_TOL = 1e-3
@@ -99,14 +99,6 @@ def check_against_hf(hf_model: Any, prompts: list[list[int]],
         for i, tok in enumerate(output):
             if top2.values[i, 0] - top2.values[i, 1] > 1e-3:
                 assert tok == int(top2.indices[i, 0]), f"step {i}"
-
-
-def load_hf(path: str | Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
-                                                 attn_implementation="eager")
-    return model.eval()
 
 
 def make_engine(path: str | Path, **kwargs: Any) -> LLMEngine:

@@ -39,6 +39,9 @@ class TokenEvent:
     status: RequestStatus  # FINISHED_* if this token ended the request
     stop_reason: int | None  # the stop token id that ended it, if one did
     logprobs: list[tuple[int, float]] | None  # sampled token first, then the top-k
+    # With the request's first token, if it asked for them: prompt positions 1.. in order,
+    # each [(prompt token, logprob), top-k ...].
+    prompt_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class EngineCore:
@@ -57,6 +60,8 @@ class EngineCore:
             self.executor, "execute_model_async")
         self._inflight: tuple[SchedulerOutput, PendingResult] | None = None
         self._penalty_requests: set[str] = set()
+        # Prompt logprobs gathered over a prompt's chunks until its first token hands them on.
+        self._prompt_logprobs: dict[str, list[list[tuple[int, float]]]] = {}
         self.stats = {"generation_tokens": 0, "steps": 0, "preemptions": 0}
         if config.speculative is not None:
             self.scheduler.enable_speculation(config.speculative)
@@ -86,12 +91,16 @@ class EngineCore:
         if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                 or p.structured_outputs is not None):
             self._penalty_requests.add(req.request_id)
+        if p.prompt_logprobs is not None:
+            self._prompt_logprobs[req.request_id] = []
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """Abort, or stop (a stop string found by the caller); unknown ids are ignored."""
         ids = list(request_ids)
         self.scheduler.finish_requests(ids, status)
         self._penalty_requests.difference_update(ids)
+        for rid in ids:
+            self._prompt_logprobs.pop(rid, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -126,6 +135,8 @@ class EngineCore:
     def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[TokenEvent]:
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
+        if result.prompt_logprobs is not None:
+            self._gather_prompt_logprobs(result.prompt_logprobs)
         if result.spec_token_ids is not None:
             return self._process_spec(sched, result)
         sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
@@ -137,7 +148,8 @@ class EngineCore:
             if req.status.finished:
                 self._penalty_requests.discard(rid)
             stop = req.stop_reason if isinstance(req.stop_reason, int) else None
-            events.append(TokenEvent(req, sampled[rid], req.status, stop, logprobs.get(rid)))
+            events.append(TokenEvent(req, sampled[rid], req.status, stop, logprobs.get(rid),
+                                     self._take_prompt_logprobs(rid)))
         self.stats["generation_tokens"] += len(events)
         return events
 
@@ -159,10 +171,24 @@ class EngineCore:
             for j, token in enumerate(tokens):
                 events.append(TokenEvent(
                     req, token, req.status if j == last else RequestStatus.RUNNING,
-                    stop if j == last else None, lps[j] if lps else None))
+                    stop if j == last else None, lps[j] if lps else None,
+                    self._take_prompt_logprobs(rid) if j == 0 else None))
         self.stats["generation_tokens"] += len(events)
         self.stats.update(spec_stats(self.scheduler.spec_counts))
         return events
+
+    def _gather_prompt_logprobs(
+            self, chunks: dict[str, tuple[int, list[list[tuple[int, float]]]]]) -> None:
+        """Place each chunk at its positions: a prefill recomputed after preemption
+        overwrites what it scored before, and one after the first token is ignored."""
+        for rid, (position, rows) in chunks.items():
+            gathered = self._prompt_logprobs.get(rid)
+            if gathered is not None:
+                del gathered[position:]
+                gathered.extend(rows)
+
+    def _take_prompt_logprobs(self, rid: str) -> list[list[tuple[int, float]]] | None:
+        return self._prompt_logprobs.pop(rid, None) if self._prompt_logprobs else None
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block not in use (e.g. between benchmark runs)."""

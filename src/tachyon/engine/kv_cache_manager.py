@@ -132,8 +132,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> list[KVBlock]:
         """Longest cached prefix of full blocks. The last token is never served from cache so
-        every request computes at least one token (its logits are needed)."""
-        if not self.enable_prefix_caching:
+        every request computes at least one token (its logits are needed). None for a request
+        with prompt logprobs: they need the logits of every prompt position (as in vLLM)."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return []
         bs = self.block_size
         max_blocks = (req.num_tokens - 1) // bs

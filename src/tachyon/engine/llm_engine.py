@@ -21,7 +21,7 @@ from tachyon.engine.detokenizer import IncrementalDetokenizer, finish_reason_of
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.loader.tokenizer import load_tokenizer
 from tachyon.lora.request import LoRARequest
-from tachyon.outputs import CompletionOutput, RequestOutput
+from tachyon.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from tachyon.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class _Parent:
     seqs: list[_Sequence]
     arrival: float
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -182,6 +183,8 @@ class LLMEngine:
             parent, seq = owner
             if seq.output.finish_reason is not None:
                 continue  # a stop string ended it earlier in this step (speculation)
+            if ev.prompt_logprobs is not None:
+                parent.prompt_logprobs = prompt_logprobs_of(ev.prompt_logprobs)
             self._on_token(seq, ev, now, stopped)
             touched[parent.request_id] = parent
         if stopped:  # stop strings: finish in the scheduler so the blocks are freed now
@@ -222,7 +225,8 @@ class LLMEngine:
             metrics["first_token_time"] = min(first)
         cached = max(0, parent.seqs[0].request.num_cached_tokens)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                             [s.output for s in parent.seqs], finished, cached, metrics)
+                             [s.output for s in parent.seqs], finished, cached,
+                             parent.prompt_logprobs, metrics)
 
     def take_text_delta(self, request_id: str, index: int, finished: bool) -> str:
         """For streaming: the text of sample ``index`` not yet handed out."""
@@ -270,7 +274,14 @@ def child_params(params: SamplingParams, i: int) -> SamplingParams:
     sp.n = 1
     if params.seed is not None:
         sp.seed = params.seed + i
+    if i > 0:  # the samples share the prompt: the first one scores it
+        sp.prompt_logprobs = None
     return sp
+
+
+def prompt_logprobs_of(rows: list[list[tuple[int, float]]]) -> PromptLogprobs:
+    """The engine core's rows (prompt positions 1..) as ``RequestOutput.prompt_logprobs``."""
+    return [None, *(dict(row) for row in rows)]
 
 
 def eos_token_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:

@@ -26,7 +26,7 @@ from tachyon.cudagraph.dispatcher import MIXED, BatchDescriptor
 from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
 from tachyon.cudagraph.runner import CUDAGraphRunner
 from tachyon.forward_context import ForwardContext, set_forward_context
-from tachyon.layers.sampler import Sampler, SamplingMetadata
+from tachyon.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from tachyon.loader.loader import load_model
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, update_model_weights
 from tachyon.lora.manager import NO_SLOT, LoRAManager
@@ -74,6 +74,37 @@ class RequestState:
     row_blocks: int = 0  # how many of its block ids that row already holds
     min_tokens_stop_ids: tuple[int, ...] = ()  # masked until params.min_tokens outputs
     lora_id: int = 0  # its LoRA adapter (0: none)
+    # With params.prompt_logprobs only: the prompt, for the targets past a chunk's end
+    # (token_ids holds only what has been scheduled).
+    prompt_ids: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprobSpan:
+    """One request's prompt positions scored in a step: logits rows ``[row, row + num)``
+    are its positions ``[position, position + num)``, each scored against the next token."""
+
+    request_id: str
+    row: int  # first row of the step's prompt-logits tensor
+    position: int  # first prompt position
+    num: int
+    num_logprobs: int  # the request's prompt_logprobs (top-k after the prompt token)
+
+
+class PendingPromptLogprobs:
+    """A step's prompt logprobs on their way to the host: one float64 tensor per step,
+    ``[R, 2 (k + 1)]`` holding the token ids (exact in float64) then their logprobs."""
+
+    def __init__(self, host: torch.Tensor, spans: list[PromptLogprobSpan]) -> None:
+        self.host, self.spans = host, spans
+
+    def result(self) -> dict[str, tuple[int, list[list[tuple[int, float]]]]]:
+        width = self.host.shape[1] // 2
+        ids = self.host[:, :width].long().tolist()
+        vals = self.host[:, width:].tolist()
+        return {sp.request_id: (sp.position, [
+            list(zip(ids[j][:sp.num_logprobs + 1], vals[j][:sp.num_logprobs + 1], strict=True))
+            for j in range(sp.row, sp.row + sp.num)]) for sp in self.spans}
 
 
 class PendingOutput:
@@ -81,10 +112,12 @@ class PendingOutput:
 
     def __init__(self, runner: ModelRunner | None, request_ids: list[str],
                  host_ids: torch.Tensor | None, event: torch.cuda.Event | None,
-                 sampler_output: object, spec_starts: list[int] | None = None) -> None:
+                 sampler_output: object, spec_starts: list[int] | None = None,
+                 prompt: PendingPromptLogprobs | None = None) -> None:
         self.runner, self.request_ids = runner, request_ids
         self.host_ids, self.event, self.sampler_output = host_ids, event, sampler_output
         self.spec_starts = spec_starts  # a verify step: each request's first logits row
+        self.prompt = prompt
         self._result: ModelRunnerOutput | None = None
 
     @classmethod
@@ -118,6 +151,8 @@ class StepPlan:
     spec_starts: list[int] = field(default_factory=list)  # first row per sampled request
     # (token position, row in the previous step's sampled ids) for inputs sampled last step
     from_previous: list[tuple[int, int]] = field(default_factory=list)
+    # Requests that want prompt logprobs, and the batch index of each one's first row.
+    prompt_spans: list[tuple[PromptLogprobSpan, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -285,9 +320,42 @@ class ModelRunner:
         sampling = self._sampling_metadata(plan) if plan.sample_rows else None
         self.staging_fence.record()  # after the step's last copy out of pinned staging
         hidden = self._run_model(plan, metadata)
+        prompt = self._prompt_logprobs(plan, hidden) if plan.prompt_spans else None
+        if sampling is None:
+            return PendingOutput.empty() if prompt is None else \
+                PendingOutput(self, [], None, self._record_event(), None, prompt=prompt)
         if self.speculative is not None:
-            return self._sample_spec(plan, hidden, sampling)
-        return self._sample(plan, hidden, sampling)
+            return self._sample_spec(plan, hidden, sampling, prompt)
+        return self._sample(plan, hidden, sampling, prompt)
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> PendingPromptLogprobs:
+        """Float32 log-softmax at the scored prompt positions (raw logits: no penalties or
+        temperature apply to a prompt), the next prompt token's logprob and the top-k, all on
+        the device; one copy back is queued."""
+        index: list[int] = []
+        targets: list[int] = []
+        for sp, batch_index in plan.prompt_spans:
+            index += range(batch_index, batch_index + sp.num)
+            prompt = self.states[sp.request_id].prompt_ids
+            targets += prompt[sp.position + 1:sp.position + 1 + sp.num]
+        idx = torch.tensor([index, targets], dtype=torch.int64).to(self.device,
+                                                                    non_blocking=True)
+        logprobs = self.model.compute_logits(hidden[idx[0]]).float().log_softmax(dim=-1)
+        k = max(sp.num_logprobs for sp, _ in plan.prompt_spans)
+        ids, vals, _ = gather_logprobs(logprobs, idx[1], k)
+        packed = torch.cat([ids.double(), vals.double()], dim=1)
+        host = torch.empty(packed.shape, dtype=torch.float64,
+                           pin_memory=self.device.type == "cuda")
+        host.copy_(packed, non_blocking=True)
+        return PendingPromptLogprobs(host, [sp for sp, _ in plan.prompt_spans])
+
+    def _record_event(self) -> torch.cuda.Event | None:
+        """An event after the copies queued so far (None on a CPU: they are done)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _fill_from_previous(self, plan: StepPlan) -> None:
         if not plan.from_previous:
@@ -351,6 +419,8 @@ class ModelRunner:
                     + p % bs
             self._write_block_row(row, st)
             b.np_seq_lens[row] = start + n
+            if st.prompt_ids is not None:
+                self._stage_prompt_logprobs(plan, s.request_id, st, pos, start, n)
             pos += n
             b.np_query_start_loc[row + 1] = pos
             if s.sample:
@@ -372,6 +442,17 @@ class ModelRunner:
         if self.lora_manager is not None:
             self._stage_lora(lora_spans)
         return plan
+
+    def _stage_prompt_logprobs(self, plan: StepPlan, rid: str, st: RequestState,
+                               batch_index: int, start: int, n: int) -> None:
+        """Score the chunk's prompt positions that have a next prompt token: the logits at
+        position p give the logprob of prompt token p + 1."""
+        num = min(start + n, st.prompt_len - 1) - start
+        if num <= 0:
+            return
+        row = sum(sp.num for sp, _ in plan.prompt_spans)
+        span = PromptLogprobSpan(rid, row, start, num, st.params.prompt_logprobs)
+        plan.prompt_spans.append((span, batch_index))
 
     def _stage_lora(self, spans: list[tuple[int, int, int]]) -> None:
         """Each token's adapter slot; adapters not resident are copied in now (queued
@@ -462,6 +543,8 @@ class ModelRunner:
             st = RequestState(len(s.prompt_token_ids), params, list(s.prompt_token_ids), [],
                               gen, min_tokens_stop_ids=s.min_tokens_stop_ids,
                               lora_id=s.lora_int_id)
+            if params.prompt_logprobs is not None:
+                st.prompt_ids = list(s.prompt_token_ids)
             self.states[s.request_id] = st
         if s.full_block_ids:
             st.block_ids = list(s.block_ids)
@@ -492,10 +575,8 @@ class ModelRunner:
         )
 
     # -- sampling ------------------------------------------------------------------------
-    def _sample(self, plan: StepPlan, hidden: torch.Tensor,
-                meta: SamplingMetadata | None) -> PendingOutput:
-        if meta is None:
-            return PendingOutput.empty()
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor, meta: SamplingMetadata,
+                prompt: PendingPromptLogprobs | None) -> PendingOutput:
         k = len(plan.sample_rows)
         logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
         self._mask_min_tokens(logits, plan, range(k))
@@ -509,11 +590,8 @@ class ModelRunner:
         self._host_ids_flip ^= 1  # two buffers: the next step's copy must not clobber this one
         host = self._host_ids[self._host_ids_flip][:k]
         host.copy_(res.sampled_token_ids, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return PendingOutput(self, plan.sample_ids, host, event, res)
+        return PendingOutput(self, plan.sample_ids, host, self._record_event(), res,
+                             prompt=prompt)
 
     def _mask_min_tokens(self, logits: torch.Tensor, plan: StepPlan,
                          first_rows: Iterable[int]) -> None:
@@ -532,11 +610,9 @@ class ModelRunner:
             idx = torch.tensor([rows, cols], dtype=torch.int64).to(self.device, non_blocking=True)
             logits[idx[0], idx[1]] = float("-inf")
 
-    def _sample_spec(self, plan: StepPlan, hidden: torch.Tensor,
-                     meta: SamplingMetadata | None) -> PendingOutput:
+    def _sample_spec(self, plan: StepPlan, hidden: torch.Tensor, meta: SamplingMetadata,
+                     prompt: PendingPromptLogprobs | None) -> PendingOutput:
         """Score every logits row (drafts and bonus), rejection-sample, one copy back."""
-        if meta is None:
-            return PendingOutput.empty()
         r = plan.num_logits
         b = self.verify_buffers
         logits = self.model.compute_logits(hidden[b.logits_indices[:r]]).float()
@@ -546,11 +622,8 @@ class ModelRunner:
         host = self._host_ids[self._host_ids_flip][:2 * r]
         host[:r].copy_(res.token_ids, non_blocking=True)
         host[r:].copy_(res.accepted, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return PendingOutput(self, plan.sample_ids, host, event, res, plan.spec_starts)
+        return PendingOutput(self, plan.sample_ids, host, self._record_event(), res,
+                             plan.spec_starts, prompt)
 
     def _finish_spec(self, pending: PendingOutput) -> ModelRunnerOutput:
         """Each request's accepted drafts and the token after them, with logprobs."""
@@ -579,8 +652,17 @@ class ModelRunner:
     def _finish(self, pending: PendingOutput) -> ModelRunnerOutput:
         if pending.event is not None:
             pending.event.synchronize()
-        if pending.spec_starts is not None:
-            return self._finish_spec(pending)
+        if pending.host_ids is None:  # only prompt positions were scored
+            out = ModelRunnerOutput([], [])
+        elif pending.spec_starts is not None:
+            out = self._finish_spec(pending)
+        else:
+            out = self._finish_sampled(pending)
+        if pending.prompt is not None:
+            out.prompt_logprobs = pending.prompt.result()
+        return out
+
+    def _finish_sampled(self, pending: PendingOutput) -> ModelRunnerOutput:
         ids = pending.host_ids.tolist()
         self.structured.accept(pending.request_ids, ids)
         for rid, tok in zip(pending.request_ids, ids, strict=True):

@@ -1,0 +1,95 @@
+"""Prompt logprobs (``SamplingParams.prompt_logprobs``) against HF transformers in float64.
+
+Every prompt position after the first must carry the log-softmax HF gives for that prompt
+token, and HF's top-k, within 1e-4: for a prompt longer than the token budget (its prefill
+is chunked over several steps), batched with requests that want none or another k.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tachyon.config import EngineArgs
+from tachyon.engine.llm_engine import LLMEngine
+from tachyon.outputs import PromptLogprobs, RequestOutput
+from tachyon.sampling_params import SamplingParams
+from tachyon_testing import TINY_VOCAB, load_hf
+
+ABS_TOL = 1e-4
+TOKEN_BUDGET = 12  # below the long prompt's length: its prefill takes several steps
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tiny_models: dict[str, Path]) -> Any:
+    return load_hf(tiny_models["llama"])
+
+
+def hf_log_softmax(model: Any, prompt: list[int]) -> torch.Tensor:
+    """[len(prompt) - 1, V] float64: row i scores prompt token i + 1."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0]
+    return logits[:-1].log_softmax(dim=-1)
+
+
+def check_against_hf(model: Any, prompt: list[int], got: PromptLogprobs, k: int) -> None:
+    assert len(got) == len(prompt) and got[0] is None
+    ref = hf_log_softmax(model, prompt)
+    top = ref.topk(k, dim=-1)
+    for i, row in enumerate(got[1:]):
+        token = prompt[i + 1]
+        assert abs(row[token] - float(ref[i, token])) < ABS_TOL, f"position {i + 1}"
+        expected = {int(t): float(v) for t, v in zip(top.indices[i], top.values[i],
+                                                     strict=True)}
+        expected[token] = float(ref[i, token])
+        assert row.keys() == expected.keys(), f"position {i + 1}"
+        for t, v in expected.items():
+            assert abs(row[t] - v) < ABS_TOL, f"position {i + 1}, token {t}"
+
+
+def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
+        ) -> dict[str, RequestOutput]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    done: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def test_prompt_logprobs_match_hf_chunked_and_batched(tiny_models: dict[str, Path],
+                                                      hf_llama: Any) -> None:
+    rng = random.Random("prompt-logprobs")
+    long_prompt = [rng.randrange(TINY_VOCAB) for _ in range(3 * TOKEN_BUDGET + 5)]
+    short_prompt = [rng.randrange(TINY_VOCAB) for _ in range(7)]
+    plain_prompt = [rng.randrange(TINY_VOCAB) for _ in range(9)]
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=str(tiny_models["llama"]), device="cpu", dtype="float32", max_model_len=128,
+        max_num_seqs=4, block_size=4, max_num_batched_tokens=TOKEN_BUDGET,
+        enable_prefix_caching=True))
+    greedy = dict(temperature=0.0, max_tokens=3, ignore_eos=True)
+    done = run(engine, {
+        "long": (long_prompt, SamplingParams(prompt_logprobs=3, **greedy)),
+        "plain": (plain_prompt, SamplingParams(**greedy)),
+        "short": (short_prompt, SamplingParams(prompt_logprobs=0, logprobs=1, **greedy)),
+    })
+    check_against_hf(hf_llama, long_prompt, done["long"].prompt_logprobs, 3)
+    check_against_hf(hf_llama, short_prompt, done["short"].prompt_logprobs, 0)
+    assert done["plain"].prompt_logprobs is None
+    assert len(done["short"].outputs[0].logprobs) == 3  # sampled logprobs still come
+
+    # The same prompt again: its blocks are cached, but prompt logprobs skip the cache.
+    again = run(engine, {"again": (long_prompt, SamplingParams(prompt_logprobs=3, **greedy))})
+    assert again["again"].num_cached_tokens == 0
+    check_against_hf(hf_llama, long_prompt, again["again"].prompt_logprobs, 3)
+
+
+def test_prompt_logprobs_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="prompt_logprobs must be an integer in"):
+        SamplingParams(prompt_logprobs=21)
