@@ -379,6 +379,63 @@ def test_prompt_forms_and_echo(client: Any, tokenizer: Any) -> None:
     assert echo.choices[0].text == "Hello there" + texts[0]
 
 
+def test_echo_logprobs_and_prompt_logprobs_match_hf(client: Any, tokenizer: Any,
+                                                    model_dir: Path) -> None:
+    """echo with logprobs lists the prompt's tokens first (the first one null), and vLLM's
+    prompt_logprobs comes in the choice: both are HF's float64 log-softmax within 1e-4."""
+    from tachyon_testing import load_hf
+
+    prompt = "The quick brown fox jumps over the lazy"
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = load_hf(model_dir)(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True,
+                                  logprobs=2, **GREEDY,
+                                  extra_body={**NO_EOS, "prompt_logprobs": 2})
+    c = r.choices[0]
+    assert c.text.startswith(prompt)
+    lp, n = c.logprobs, len(ids)
+    pieces = [tokenizer.decode([t]) for t in ids]
+    assert len(lp.tokens) == n + 3 and lp.tokens[:n] == pieces
+    assert lp.text_offset[:n] == [sum(len(p) for p in pieces[:i]) for i in range(n)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    prompt_lps = c.model_extra["prompt_logprobs"]
+    assert len(prompt_lps) == n and prompt_lps[0] is None
+    for i in range(1, n):
+        want = float(ref[i - 1, ids[i]])
+        assert abs(lp.token_logprobs[i] - want) < 1e-4, f"position {i}"
+        top2 = ref[i - 1].topk(2)
+        assert set(lp.top_logprobs[i]) == {pieces[i]} | {tokenizer.decode([int(t)])
+                                                          for t in top2.indices}
+        entries = prompt_lps[i]
+        assert abs(entries[str(ids[i])]["logprob"] - want) < 1e-4, f"position {i}"
+        for rank, (t, v) in enumerate(zip(top2.indices, top2.values, strict=True), start=1):
+            e = entries[str(int(t))]
+            assert e["rank"] == rank and abs(e["logprob"] - float(v)) < 1e-4
+            assert e["decoded_token"] == tokenizer.decode([int(t)])
+
+    # Streamed: the first chunk carries the prompt's text and its tokens' logprobs.
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                            echo=True, logprobs=2, stream=True, **GREEDY,
+                                            extra_body=NO_EOS))
+    first = chunks[0].choices[0]
+    assert first.text.startswith(prompt) and first.logprobs.tokens[:n] == pieces
+    assert first.logprobs.token_logprobs[0] is None
+    assert abs(first.logprobs.token_logprobs[n - 1] - float(ref[n - 2, ids[-1]])) < 1e-4
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+
+    # Chat: one prompt, its logprobs at the top level of the response (as vLLM).
+    chat = client.chat.completions.create(model=MODEL, max_tokens=2, **GREEDY,
+                                          messages=[{"role": "user", "content": prompt}],
+                                          extra_body={"prompt_logprobs": 1})
+    chat_lps = chat.model_extra["prompt_logprobs"]
+    assert len(chat_lps) == chat.usage.prompt_tokens and chat_lps[0] is None
+    assert all(1 <= len(e) <= 2 and any(v["rank"] == 1 for v in e.values())
+               for e in chat_lps[1:])
+
+
 # -- errors ------------------------------------------------------------------------------------
 def _long_prompt() -> list[int]:
     return [7] * (MAX_MODEL_LEN + 1)

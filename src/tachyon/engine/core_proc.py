@@ -192,19 +192,22 @@ class CoreLoop:
         return bool(done)
 
     def _outputs(self, events: list[TokenEvent], rejected: dict[str, str]) -> StepOutputs:
-        ids, tokens, finished, logprobs = [], [], [], []
-        any_logprobs = False
+        ids, tokens, finished, logprobs, prompt_logprobs = [], [], [], [], []
+        any_logprobs = any_prompt_logprobs = False
         for i, ev in enumerate(events):
             ids.append(ev.request.request_id)
             tokens.append(ev.token_id)
             logprobs.append(ev.logprobs)
+            prompt_logprobs.append(ev.prompt_logprobs)
             any_logprobs = any_logprobs or ev.logprobs is not None
+            any_prompt_logprobs = any_prompt_logprobs or ev.prompt_logprobs is not None
             reason = finish_reason_of(ev.status)
             if reason is not None:
                 finished.append(Finished(i, reason, ev.stop_reason))
         updates, self._lora_updates = self._lora_updates, []
         return StepOutputs(ids, tokens, finished, logprobs if any_logprobs else [], rejected,
-                           self._stats(), updates)
+                           self._stats(), updates,
+                           prompt_logprobs if any_prompt_logprobs else [])
 
     def _stats(self) -> CoreStats:
         core = self.core

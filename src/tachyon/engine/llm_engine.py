@@ -274,8 +274,6 @@ def child_params(params: SamplingParams, i: int) -> SamplingParams:
     sp.n = 1
     if params.seed is not None:
         sp.seed = params.seed + i
-    if i > 0:  # the samples share the prompt: the first one scores it
-        sp.prompt_logprobs = None
     return sp
 
 

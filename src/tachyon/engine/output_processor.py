@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tachyon.engine.detokenizer import IncrementalDetokenizer
+from tachyon.engine.llm_engine import prompt_logprobs_of
 from tachyon.engine.messages import StepOutputs
+from tachyon.outputs import PromptLogprobs
 from tachyon.sampling_params import SamplingParams
 
 
@@ -32,6 +34,8 @@ class ChoiceDelta:
     finish_reason: str | None = None  # set on the choice's last delta only
     # What ended it with "stop": the stop string, or the stop token id (None for EOS).
     stop_reason: int | str | None = None
+    # With the choice's first token, if asked: RequestOutput.prompt_logprobs' shape.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -61,10 +65,13 @@ class RequestCollector:
         self.unfinished = num_choices
 
     def put(self, index: int, token_id: int, text: str, logprobs: dict[int, float] | None,
-            finish_reason: str | None, stop_reason: int | str | None = None) -> None:
+            finish_reason: str | None, stop_reason: int | str | None = None,
+            prompt_logprobs: PromptLogprobs | None = None) -> None:
         d = self._pending.get(index)
         if d is None:
             d = self._pending[index] = ChoiceDelta(index)
+        if prompt_logprobs is not None:
+            d.prompt_logprobs = prompt_logprobs
         d.token_ids.append(token_id)
         d.text += text
         if logprobs is not None:
@@ -157,7 +164,7 @@ class OutputProcessor:
         now = time.monotonic()
         stats = IterationStats()
         finished = {f.event: f for f in out.finished}
-        logprobs = out.logprobs
+        logprobs, prompt_logprobs = out.logprobs, out.prompt_logprobs
         stopped = []
         for i, (rid, token) in enumerate(zip(out.request_ids, out.token_ids, strict=True)):
             s = self._samples.get(rid)
@@ -174,7 +181,9 @@ class OutputProcessor:
                     reason, stop_reason = "stop", s.detok.stop_reason
                 text = s.detok.take_delta(reason is not None)
             lps = dict(logprobs[i]) if logprobs and logprobs[i] is not None else None
-            s.collector.put(s.index, token, text, lps, reason, stop_reason)
+            prompt_lps = prompt_logprobs_of(prompt_logprobs[i]) \
+                if prompt_logprobs and prompt_logprobs[i] is not None else None
+            s.collector.put(s.index, token, text, lps, reason, stop_reason, prompt_lps)
             if s.last_token_time is None:
                 stats.time_to_first_token.append(now - s.prompt.arrival)
             else:

@@ -170,8 +170,8 @@ def parse_max_tokens(f: Fields) -> int | None:
 
 
 def sampling_params(f: Fields, max_tokens: int | None, logprobs: int | None,
-                    max_n: int, structured: StructuredOutputsParams | None = None
-                    ) -> SamplingParams:
+                    max_n: int, structured: StructuredOutputsParams | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """Everything but the token budget and logprobs is read here; ranges are the engine's,
     but for ``n`` (the server's ``--max-n``) and the seed (sample i of n uses seed + i)."""
     n = f.integer("n", 1, lo=1, hi=max_n)
@@ -193,6 +193,7 @@ def sampling_params(f: Fields, max_tokens: int | None, logprobs: int | None,
         stop_token_ids=f.int_list("stop_token_ids"),
         ignore_eos=f.boolean("ignore_eos"),
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=f.boolean("skip_special_tokens", True),
         include_stop_str_in_output=f.boolean("include_stop_str_in_output"),
         structured_outputs=structured,
@@ -214,8 +215,17 @@ class CompletionRequest:
     max_tokens: int | None
     echo: bool
     logprobs: int | None
+    prompt_logprobs: int | None  # vLLM's extra parameter: returned in each choice
     stream: StreamOptions
     fields: Fields
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """The top-k the engine scores the prompt with: echo with logprobs lists the
+        prompt's tokens too."""
+        ks = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None)
+              if k is not None]
+        return max(ks) if ks else None
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
@@ -227,12 +237,10 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         raise OpenAIError("'suffix' is not supported", "suffix")
     logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS)
     echo = f.boolean("echo")
-    if echo and logprobs is not None:
-        raise OpenAIError("'echo' with 'logprobs' needs prompt logprobs, which tachyon does "
-                          "not compute yet; drop one of them", "echo")
-    _refuse_prompt_logprobs(f)
+    stream = parse_stream(f)
     return CompletionRequest(f.string("model"), _prompts(body.get("prompt")),
-                             parse_max_tokens(f), echo, logprobs, parse_stream(f), f)
+                             parse_max_tokens(f), echo, logprobs,
+                             parse_prompt_logprobs(f, stream), stream, f)
 
 
 def _prompts(v: Any) -> list[Prompt]:
@@ -254,10 +262,12 @@ def _prompts(v: Any) -> list[Prompt]:
     raise bad()
 
 
-def _refuse_prompt_logprobs(f: Fields) -> None:
-    if f.get("prompt_logprobs") is not None:
-        raise OpenAIError("'prompt_logprobs' is not supported yet (the engine computes "
-                          "logprobs of sampled tokens only)", "prompt_logprobs")
+def parse_prompt_logprobs(f: Fields, stream: StreamOptions) -> int | None:
+    k = f.integer("prompt_logprobs", lo=0, hi=MAX_LOGPROBS)
+    if k is not None and stream.stream:  # as vLLM: they come with the whole response only
+        raise OpenAIError("'prompt_logprobs' is not available with 'stream': true",
+                          "prompt_logprobs")
+    return k
 
 
 @dataclass(frozen=True)
@@ -266,6 +276,7 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     max_tokens: int | None
     logprobs: int | None  # top_logprobs when logprobs is true, else None
+    prompt_logprobs: int | None  # vLLM's extra parameter: returned in the response
     add_generation_prompt: bool
     continue_final_message: bool  # the last (assistant) message is extended, not closed
     stream: StreamOptions
@@ -278,7 +289,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     top = f.integer("top_logprobs", lo=0, hi=MAX_LOGPROBS)
     if top is not None and not want:
         raise OpenAIError("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
-    _refuse_prompt_logprobs(f)
+    stream = parse_stream(f)
     messages = _messages(body.get("messages"))
     cont = f.boolean("continue_final_message")
     # Continuing a message and opening a new one exclude each other; continuing alone
@@ -291,7 +302,8 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         raise OpenAIError("'continue_final_message' needs the last message to be the "
                           "assistant's", "continue_final_message")
     return ChatRequest(f.string("model"), messages, parse_max_tokens(f),
-                       (top or 0) if want else None, gen, cont, parse_stream(f), f)
+                       (top or 0) if want else None, parse_prompt_logprobs(f, stream), gen,
+                       cont, stream, f)
 
 
 def _messages(v: Any) -> list[dict[str, Any]]:

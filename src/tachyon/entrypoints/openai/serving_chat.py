@@ -15,6 +15,7 @@ from tachyon.entrypoints.openai.serving_engine import (
     OpenAIServing,
     finite,
     new_request_id,
+    prompt_logprobs_json,
     top_logprobs,
 )
 from tachyon.entrypoints.openai.structured import check_structured, parse_structured
@@ -31,9 +32,11 @@ class ChatFormatter:
     chunk_object = "chat.completion.chunk"
 
     def __init__(self, serving: OpenAIServing, num_logprobs: int | None,
-                 tools: ToolRequest | None = None, parser: ToolParser | None = None) -> None:
+                 tools: ToolRequest | None = None, parser: ToolParser | None = None,
+                 num_prompt_logprobs: int | None = None) -> None:
         self.serving = serving
         self.k = num_logprobs
+        self.num_prompt_logprobs = num_prompt_logprobs
         self.tools = tools
         self.parser = parser
         self._tool_deltas: dict[int, ToolDeltas] = {}
@@ -74,6 +77,14 @@ class ChatFormatter:
         return {"index": choice.index, "message": message, "logprobs": lps,
                 "finish_reason": reason, "stop_reason": choice.stop_reason}
 
+    def response_fields(self, choices: list[Choice]) -> dict[str, Any]:
+        """As vLLM: the one prompt's logprobs at the top level of the response."""
+        if self.num_prompt_logprobs is None:
+            return {}
+        assert choices[0].prompt_logprobs is not None
+        return {"prompt_logprobs": prompt_logprobs_json(
+            self.serving, choices[0].prompt_logprobs, self.num_prompt_logprobs)}
+
     def _entry(self, token: int, lps: dict[int, float]) -> dict[str, Any]:
         assert self.k is not None
         top = [self._token(t, lp) for t, lp in top_logprobs(lps, self.k)]
@@ -106,14 +117,16 @@ class OpenAIServingChat(OpenAIServing):
         prompt = await self.llm.run_in_tokenizer_thread(render_chat, chat,
                                                         self.settings.chat_template)
         max_tokens = self.max_tokens_for(len(prompt), req.max_tokens, None, "messages")
-        params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n, spec)
+        params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n, spec,
+                                 req.prompt_logprobs)
         job = Job(new_request_id("chatcmpl"), req.model or self.model_name, [prompt], params,
                   req.stream, lora_request=lora)
         parser = None
         if tools is not None and tools.choice == "auto":
             assert self.settings.tool_call_parser is not None
             parser = TOOL_PARSERS[self.settings.tool_call_parser]()
-        return await self.run(job, ChatFormatter(self, req.logprobs, tools, parser))
+        return await self.run(job, ChatFormatter(self, req.logprobs, tools, parser,
+                                                 req.prompt_logprobs))
 
 
 def _texts(messages: list[dict[str, Any]]) -> list[str]:

@@ -29,6 +29,7 @@ from tachyon.engine.async_llm import (
 from tachyon.entrypoints.openai.cli_args import ServerSettings
 from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, model_not_found
 from tachyon.lora.request import LoRARequest
+from tachyon.outputs import PromptLogprobs
 from tachyon.sampling_params import SamplingParams
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -64,6 +65,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     text_offset: int = 0  # characters of token strings so far (completions logprobs)
+    prompt_logprobs: PromptLogprobs | None = None  # with the first delta, if asked
 
     @property
     def num_tokens(self) -> int:
@@ -78,6 +80,8 @@ class Choice:
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.finish_reason = delta.finish_reason
         self.stop_reason = delta.stop_reason
 
@@ -117,6 +121,10 @@ class Formatter(Protocol):
 
     def full_choice(self, choice: Choice) -> dict[str, Any]: ...
 
+    def response_fields(self, choices: list[Choice]) -> dict[str, Any]:
+        """Endpoint-specific top-level fields of the whole response."""
+        ...
+
 
 def finite(logprob: float) -> float:
     return logprob if logprob > MIN_LOGPROB else MIN_LOGPROB  # NaN too
@@ -125,6 +133,24 @@ def finite(logprob: float) -> float:
 def top_logprobs(lps: dict[int, float], k: int) -> list[tuple[int, float]]:
     """The ``k`` most likely tokens of a position (the engine puts the sampled one first)."""
     return [(t, finite(lp)) for t, lp in sorted(lps.items(), key=lambda kv: -kv[1])[:k]]
+
+
+def prompt_logprobs_json(serving: OpenAIServing, positions: PromptLogprobs, k: int
+                         ) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token ``{token id: {logprob, rank,
+    decoded_token}}`` (the prompt token and the top ``k``). A rank is known for the top
+    ``k`` only (the prompt token outside them gets ``None``)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for lps in positions:
+        if lps is None:
+            out.append(None)
+            continue
+        top = top_logprobs(lps, k)
+        ranks = {t: r for r, (t, _) in enumerate(top, start=1)}
+        entries = list(lps.items())[:1] + top  # the prompt token comes first
+        out.append({str(t): {"logprob": finite(lp), "rank": ranks.get(t),
+                             "decoded_token": serving.token_text(t)} for t, lp in entries})
+    return out
 
 
 def new_request_id(prefix: str) -> str:
@@ -240,7 +266,7 @@ class OpenAIServing:
         return {"id": job.request_id, "object": fmt.object, "created": job.created,
                 "model": job.model, "system_fingerprint": SYSTEM_FINGERPRINT,
                 "choices": [fmt.full_choice(c) for c in choices],
-                "usage": job.usage(choices)}
+                "usage": job.usage(choices), **fmt.response_fields(choices)}
 
     async def _events(self, job: Job, fmt: Formatter, stream: RequestStream
                       ) -> AsyncGenerator[bytes, None]:
@@ -274,4 +300,5 @@ def _param_of(message: str) -> str:
 
 _SAMPLING_FIELDS = frozenset(("n", "temperature", "top_p", "top_k", "min_p", "seed",
                               "presence_penalty", "frequency_penalty", "repetition_penalty",
-                              "max_tokens", "min_tokens", "stop", "logprobs"))
+                              "max_tokens", "min_tokens", "stop", "logprobs",
+                              "prompt_logprobs"))
