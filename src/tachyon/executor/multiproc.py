@@ -77,6 +77,9 @@ _STOP = pickle.dumps(None)  # the step that ends the serve loops
 SHUTDOWN_GRACE_S = 10.0
 # After a first failure, how long to wait for the other ranks' reports, to name every cause.
 FAILURE_SETTLE_S = 0.5
+# The ring's directory also takes the side files of steps over a slot (weight updates
+# included): a container's default 64 MiB /dev/shm is too small for those.
+_MIN_TMPFS_BYTES = 8 << 30
 # Worker processes are named this plus their rank; the name reaches a spawned worker before
 # it re-imports the main module (multiprocessing sets it first).
 _WORKER_NAME = "tachyon-tp"
@@ -468,9 +471,13 @@ class _SpawnedRanks:
 
 
 def _tmpfs_dir() -> str | None:
-    """``/dev/shm`` where it is a writable directory (Linux), else the default temp dir."""
+    """``/dev/shm`` where it is a writable directory with room (Linux), else the default temp
+    dir (still page cache, so the ring runs at memory speed there too)."""
     shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        return None
+    st = os.statvfs(shm)
+    return shm if st.f_bavail * st.f_frsize >= _MIN_TMPFS_BYTES else None
 
 
 def _start_method(device: str) -> str:
