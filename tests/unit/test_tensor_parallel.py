@@ -46,6 +46,8 @@ FAIL_FAST_S = 5.0
 # once (its sentinel or its report), then waits FAILURE_SETTLE_S (0.5 s) for the other ranks'
 # reports. The issue asks for a second.
 MID_STEP_FAIL_S = 1.0
+# CPU a rank may use in an idle second: a few clock ticks (10 ms each) of stray wake-ups.
+IDLE_CPU_S = 0.05
 
 
 def _save_tiny(path: Path, family: str, name: str | None = None, **overrides: Any) -> str:
@@ -196,6 +198,26 @@ def test_two_engines_side_by_side(tp2_engines: dict[str, LLM],
     for a, b in zip(first, again, strict=True):
         assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     assert llama.engine.num_free_blocks() == llama.engine.executor.num_blocks
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc, clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_idle_ranks_sleep(tp2_engines: dict[str, LLM], prompts: list[list[int]]) -> None:
+    """Between steps every rank sleeps on the ring's doorbell: an idle second costs each
+    under IDLE_CPU_S (a spinning rank would burn the whole second, a 50 us sleep-poll
+    several percent of it)."""
+    llm = tp2_engines["llama"]
+    llm.generate(prompts[:1], _greedy(), use_tqdm=False)
+    pids = llm.engine.executor.worker_pids
+    before = [_cpu_seconds(p) for p in pids]
+    time.sleep(1.0)
+    used = [_cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
+    assert all(u < IDLE_CPU_S for u in used), used
 
 
 def test_seeded_sampling_is_reproducible(tp2_engines: dict[str, LLM],
