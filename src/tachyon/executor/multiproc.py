@@ -275,6 +275,7 @@ def _join_launched_world(config: EngineConfig, world: int, launch: LaunchEnv) ->
 
 
 def _stop_launched(worker: TPWorker) -> None:
+    """Rank 0 under a launcher: tell the other ranks to stop (once), then leave the world."""
     if worker.runner is not None:
         worker.control.broadcast_bytes(_STOP)
     worker.close()
@@ -290,7 +291,7 @@ def _check_gpus(config: EngineConfig, needed: int) -> None:
 
 # -- spawned workers: the driver's side ----------------------------------------------------------
 class _SpawnedRanks:
-    """N worker processes on this machine, and the pipes to them.
+    """N worker processes on this machine: the ring to all of them, a pipe from each.
 
     Messages, worker to driver: ("ready", (num_blocks, report, graph stats)) once from each
     rank; ("result", ModelRunnerOutput) from rank 0 per step (a ``CallReply`` per
