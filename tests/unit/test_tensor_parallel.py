@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,8 @@ FAIL_FAST_S = 5.0
 MID_STEP_FAIL_S = 1.0
 # CPU a rank may use in an idle second: a few clock ticks (10 ms each) of stray wake-ups.
 IDLE_CPU_S = 0.05
+# A fake device step (rank 0's loop test): long against the loop's own host work.
+DEVICE_STEP_S = 0.1
 
 
 def _save_tiny(path: Path, family: str, name: str | None = None, **overrides: Any) -> str:
@@ -515,3 +518,60 @@ def test_torchrun_ranks(models: dict[str, str], prompts: list[list[int]],
     assert len(lines) == 1  # printed by rank 0 only
     want = [_hf_greedy(models["llama"], p)[0] for p in prompts]
     assert json.loads(lines[0].removeprefix("TOKENS ")) == want
+
+
+class _FakeDeviceEvent:
+    """A CUDA event stand-in: the "device" finishes a step ``seconds`` after it is queued."""
+
+    def __init__(self, seconds: float) -> None:
+        self._done = threading.Event()
+        threading.Timer(seconds, self._done.set).start()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
+
+
+def test_rank0_queues_the_next_step_before_the_last_is_done(tmp_path: Path) -> None:
+    """Rank 0's loop on a (fake) device: a step that arrives while the last one runs is
+    queued at once; each reply leaves when its step's device work ends (the watcher wakes
+    the loop, which no sleep-poll does), in step order; the stop ends the loop."""
+    import multiprocessing as mp
+
+    from tachyon.distributed.shm_broadcast import RingSpec, ShmBroadcastReader, ShmBroadcastWriter
+    from tachyon.executor import multiproc
+
+    log: list[tuple[str, int]] = []
+
+    class Pending:
+        def __init__(self, step: int) -> None:
+            self.step, self.event = step, _FakeDeviceEvent(DEVICE_STEP_S)
+
+        def result(self) -> int:
+            log.append(("reply", self.step))
+            return self.step
+
+    class Worker:
+        def execute_async(self, payload: bytes) -> Pending:
+            log.append(("queued", int(payload)))
+            return Pending(int(payload))
+
+    spec = RingSpec.create(mp.get_context("fork"), str(tmp_path), num_readers=1)
+    writer = ShmBroadcastWriter(spec)
+    replies, conn = mp.Pipe(duplex=False)
+    loop = threading.Thread(target=multiproc._drive,
+                            args=(Worker(), ShmBroadcastReader(spec, 0), conn), daemon=True)
+    loop.start()
+    start = time.monotonic()
+    writer.write(b"0")
+    writer.write(b"1")  # while step 0 still "runs"
+    got = [replies.recv() for _ in range(2) if replies.poll(5)]  # a lost wake-up: no reply
+    assert got == [("result", 0), ("result", 1)]
+    # Woken by the device's end, not by a timeout: both steps within a few device steps.
+    assert time.monotonic() - start < 4 * DEVICE_STEP_S + 0.1
+    writer.write(multiproc._STOP)
+    loop.join(timeout=5)
+    assert not loop.is_alive()
+    assert log == [("queued", 0), ("queued", 1), ("reply", 0), ("reply", 1)]
