@@ -2,7 +2,9 @@
 
 Every prompt position after the first must carry the log-softmax HF gives for that prompt
 token, and HF's top-k, within 1e-4: for a prompt longer than the token budget (its prefill
-is chunked over several steps), batched with requests that want none or another k.
+is chunked over several steps, and scored in slices of max_num_seqs rows), batched with
+requests that want none or another k; with asynchronous scheduling and with speculative
+decoding too; and through ``LLM.generate``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from tachyon_testing import TINY_VOCAB, load_hf
 
 ABS_TOL = 1e-4
 TOKEN_BUDGET = 12  # below the long prompt's length: its prefill takes several steps
+ENGINE_VARIANTS = {
+    "sync": {},
+    "async": {"async_scheduling": True},
+    "ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
+                                     "prompt_lookup_min": 1}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,9 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
     return done
 
 
-def test_prompt_logprobs_match_hf_chunked_and_batched(tiny_models: dict[str, Path],
+@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
+def test_prompt_logprobs_match_hf_chunked_and_batched(variant: str,
+                                                      tiny_models: dict[str, Path],
                                                       hf_llama: Any) -> None:
     rng = random.Random("prompt-logprobs")
     long_prompt = [rng.randrange(TINY_VOCAB) for _ in range(3 * TOKEN_BUDGET + 5)]
@@ -72,7 +82,7 @@ def test_prompt_logprobs_match_hf_chunked_and_batched(tiny_models: dict[str, Pat
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(tiny_models["llama"]), device="cpu", dtype="float32", max_model_len=128,
         max_num_seqs=4, block_size=4, max_num_batched_tokens=TOKEN_BUDGET,
-        enable_prefix_caching=True))
+        enable_prefix_caching=True, **ENGINE_VARIANTS[variant]))
     greedy = dict(temperature=0.0, max_tokens=3, ignore_eos=True)
     done = run(engine, {
         "long": (long_prompt, SamplingParams(prompt_logprobs=3, **greedy)),
@@ -88,6 +98,19 @@ def test_prompt_logprobs_match_hf_chunked_and_batched(tiny_models: dict[str, Pat
     again = run(engine, {"again": (long_prompt, SamplingParams(prompt_logprobs=3, **greedy))})
     assert again["again"].num_cached_tokens == 0
     check_against_hf(hf_llama, long_prompt, again["again"].prompt_logprobs, 3)
+
+
+def test_llm_generate_returns_prompt_logprobs(tiny_models: dict[str, Path],
+                                             hf_llama: Any) -> None:
+    from tachyon.entrypoints.llm import LLM
+
+    rng = random.Random("llm-generate")
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(n)] for n in (6, 11)]
+    llm = LLM(str(tiny_models["llama"]), device="cpu", dtype="float32", max_model_len=64)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(prompt_logprobs=2, max_tokens=2, n=2, seed=0))
+    for prompt, out in zip(prompts, outs, strict=True):
+        check_against_hf(hf_llama, prompt, out.prompt_logprobs, 2)
 
 
 def test_prompt_logprobs_out_of_range_is_refused() -> None:

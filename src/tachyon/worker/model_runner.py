@@ -340,10 +340,16 @@ class ModelRunner:
             targets += prompt[sp.position + 1:sp.position + 1 + sp.num]
         idx = torch.tensor([index, targets], dtype=torch.int64).to(self.device,
                                                                     non_blocking=True)
-        logprobs = self.model.compute_logits(hidden[idx[0]]).float().log_softmax(dim=-1)
         k = max(sp.num_logprobs for sp, _ in plan.prompt_spans)
-        ids, vals, _ = gather_logprobs(logprobs, idx[1], k)
-        packed = torch.cat([ids.double(), vals.double()], dim=1)
+        # In slices of max_num_logits rows: the [rows, V] temporaries then stay the size the
+        # profile run measured for the sampled logits, however long the chunk.
+        parts = []
+        for rows, tokens in zip(idx[0].split(self.max_num_logits),
+                                idx[1].split(self.max_num_logits), strict=True):
+            logprobs = self.model.compute_logits(hidden[rows]).float().log_softmax(dim=-1)
+            ids, vals, _ = gather_logprobs(logprobs, tokens, k)
+            parts.append(torch.cat([ids.double(), vals.double()], dim=1))
+        packed = torch.cat(parts)
         host = torch.empty(packed.shape, dtype=torch.float64,
                            pin_memory=self.device.type == "cuda")
         host.copy_(packed, non_blocking=True)
