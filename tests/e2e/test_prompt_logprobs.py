@@ -100,6 +100,23 @@ def test_prompt_logprobs_match_hf_chunked_and_batched(variant: str,
     check_against_hf(hf_llama, long_prompt, again["again"].prompt_logprobs, 3)
 
 
+def test_prompt_logprobs_survive_preemption(tiny_models: dict[str, Path],
+                                            hf_llama: Any) -> None:
+    """16 blocks of 4 tokens hold one request of 30 + 20 tokens, not three: requests are
+    preempted and recompute their prompts, which must not change their prompt logprobs."""
+    rng = random.Random("preempt")
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(30)] for _ in range(3)]
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=str(tiny_models["llama"]), device="cpu", dtype="float32", max_model_len=64,
+        max_num_seqs=4, block_size=4, max_num_batched_tokens=TOKEN_BUDGET,
+        num_gpu_blocks_override=16))
+    params = SamplingParams(prompt_logprobs=1, temperature=0.0, max_tokens=20, ignore_eos=True)
+    done = run(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+    assert engine.scheduler.num_preemptions > 0
+    for i, prompt in enumerate(prompts):
+        check_against_hf(hf_llama, prompt, done[f"r{i}"].prompt_logprobs, 1)
+
+
 def test_llm_generate_returns_prompt_logprobs(tiny_models: dict[str, Path],
                                              hf_llama: Any) -> None:
     from tachyon.entrypoints.llm import LLM

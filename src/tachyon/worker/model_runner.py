@@ -151,8 +151,11 @@ class StepPlan:
     spec_starts: list[int] = field(default_factory=list)  # first row per sampled request
     # (token position, row in the previous step's sampled ids) for inputs sampled last step
     from_previous: list[tuple[int, int]] = field(default_factory=list)
-    # Requests that want prompt logprobs, and the batch index of each one's first row.
-    prompt_spans: list[tuple[PromptLogprobSpan, int]] = field(default_factory=list)
+    # Prompt positions scored this step: per request a span; per row its batch index and
+    # the prompt token it scores.
+    prompt_spans: list[PromptLogprobSpan] = field(default_factory=list)
+    prompt_index: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -332,15 +335,9 @@ class ModelRunner:
         """Float32 log-softmax at the scored prompt positions (raw logits: no penalties or
         temperature apply to a prompt), the next prompt token's logprob and the top-k, all on
         the device; one copy back is queued."""
-        index: list[int] = []
-        targets: list[int] = []
-        for sp, batch_index in plan.prompt_spans:
-            index += range(batch_index, batch_index + sp.num)
-            prompt = self.states[sp.request_id].prompt_ids
-            targets += prompt[sp.position + 1:sp.position + 1 + sp.num]
-        idx = torch.tensor([index, targets], dtype=torch.int64).to(self.device,
-                                                                    non_blocking=True)
-        k = max(sp.num_logprobs for sp, _ in plan.prompt_spans)
+        idx = torch.tensor([plan.prompt_index, plan.prompt_targets], dtype=torch.int64)
+        idx = idx.to(self.device, non_blocking=True)
+        k = max(sp.num_logprobs for sp in plan.prompt_spans)
         # In slices of max_num_logits rows: the [rows, V] temporaries then stay the size the
         # profile run measured for the sampled logits, however long the chunk.
         parts = []
@@ -353,7 +350,7 @@ class ModelRunner:
         host = torch.empty(packed.shape, dtype=torch.float64,
                            pin_memory=self.device.type == "cuda")
         host.copy_(packed, non_blocking=True)
-        return PendingPromptLogprobs(host, [sp for sp, _ in plan.prompt_spans])
+        return PendingPromptLogprobs(host, plan.prompt_spans)
 
     def _record_event(self) -> torch.cuda.Event | None:
         """An event after the copies queued so far (None on a CPU: they are done)."""
@@ -426,7 +423,7 @@ class ModelRunner:
             self._write_block_row(row, st)
             b.np_seq_lens[row] = start + n
             if st.prompt_ids is not None:
-                self._stage_prompt_logprobs(plan, s.request_id, st, pos, start, n)
+                self._stage_prompt_logprobs(plan, s, st, pos)
             pos += n
             b.np_query_start_loc[row + 1] = pos
             if s.sample:
@@ -449,16 +446,22 @@ class ModelRunner:
             self._stage_lora(lora_spans)
         return plan
 
-    def _stage_prompt_logprobs(self, plan: StepPlan, rid: str, st: RequestState,
-                               batch_index: int, start: int, n: int) -> None:
+    def _stage_prompt_logprobs(self, plan: StepPlan, s: ScheduledRequest, st: RequestState,
+                               batch_index: int) -> None:
         """Score the chunk's prompt positions that have a next prompt token: the logits at
-        position p give the logprob of prompt token p + 1."""
-        num = min(start + n, st.prompt_len - 1) - start
-        if num <= 0:
-            return
-        row = sum(sp.num for sp, _ in plan.prompt_spans)
-        span = PromptLogprobSpan(rid, row, start, num, st.params.prompt_logprobs)
-        plan.prompt_spans.append((span, batch_index))
+        position p give the logprob of prompt token p + 1. The chunk that samples ends the
+        prompt: it is then all scored, and a recompute after preemption is not scored again
+        (the engine core keeps what it was handed)."""
+        start = s.num_computed_tokens
+        num = min(start + len(s.new_token_ids), st.prompt_len - 1) - start
+        if num > 0:
+            span = PromptLogprobSpan(s.request_id, len(plan.prompt_index), start, num,
+                                     st.params.prompt_logprobs)
+            plan.prompt_spans.append(span)
+            plan.prompt_index += range(batch_index, batch_index + num)
+            plan.prompt_targets += st.prompt_ids[start + 1:start + 1 + num]
+        if s.sample:
+            st.prompt_ids = None
 
     def _stage_lora(self, spans: list[tuple[int, int, int]]) -> None:
         """Each token's adapter slot; adapters not resident are copied in now (queued
