@@ -3,8 +3,9 @@
 Every prompt position after the first must carry the log-softmax HF gives for that prompt
 token, and HF's top-k, within 1e-4: for a prompt longer than the token budget (its prefill
 is chunked over several steps, and scored in slices of max_num_seqs rows), batched with
-requests that want none or another k; with asynchronous scheduling and with speculative
-decoding too; and through ``LLM.generate``.
+requests that want none or another k; with asynchronous scheduling, speculative decoding
+and emulated FULL CUDA graphs (a 2-token prefill alone replays a mixed FULL graph) too;
+under preemption; and through ``LLM.generate``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 import pytest
 import torch
 
+from graph_testing import PersistentTorchBackend
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine
 from tachyon.outputs import PromptLogprobs, RequestOutput
 from tachyon.sampling_params import SamplingParams
+from tachyon.worker import model_runner
 from tachyon_testing import TINY_VOCAB, load_hf
 
 ABS_TOL = 1e-4
@@ -29,6 +32,8 @@ ENGINE_VARIANTS = {
     "async": {"async_scheduling": True},
     "ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
                                      "prompt_lookup_min": 1}},
+    "graphs": {"cudagraph_mode": "FULL",
+               "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8]}},
 }
 
 
@@ -74,7 +79,12 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
 @pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
 def test_prompt_logprobs_match_hf_chunked_and_batched(variant: str,
                                                       tiny_models: dict[str, Path],
-                                                      hf_llama: Any) -> None:
+                                                      hf_llama: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if variant == "graphs":  # replay on a CPU needs the emulation and a capturable backend
+        monkeypatch.setenv("TACHYON_EMULATE_CUDAGRAPHS", "1")
+        monkeypatch.setattr(model_runner, "get_backend_class",
+                            lambda name, dev, dtype: PersistentTorchBackend)
     rng = random.Random("prompt-logprobs")
     long_prompt = [rng.randrange(TINY_VOCAB) for _ in range(3 * TOKEN_BUDGET + 5)]
     short_prompt = [rng.randrange(TINY_VOCAB) for _ in range(7)]
@@ -98,6 +108,8 @@ def test_prompt_logprobs_match_hf_chunked_and_batched(variant: str,
     again = run(engine, {"again": (long_prompt, SamplingParams(prompt_logprobs=3, **greedy))})
     assert again["again"].num_cached_tokens == 0
     check_against_hf(hf_llama, long_prompt, again["again"].prompt_logprobs, 3)
+    two = run(engine, {"two": (short_prompt[:2], SamplingParams(prompt_logprobs=2, **greedy))})
+    check_against_hf(hf_llama, short_prompt[:2], two["two"].prompt_logprobs, 2)
 
 
 def test_prompt_logprobs_survive_preemption(tiny_models: dict[str, Path],
