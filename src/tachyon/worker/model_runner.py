@@ -74,8 +74,8 @@ class RequestState:
     row_blocks: int = 0  # how many of its block ids that row already holds
     min_tokens_stop_ids: tuple[int, ...] = ()  # masked until params.min_tokens outputs
     lora_id: int = 0  # its LoRA adapter (0: none)
-    # With params.prompt_logprobs only: the prompt, for the targets past a chunk's end
-    # (token_ids holds only what has been scheduled).
+    # With params.prompt_logprobs, until the chunk that samples is staged: the prompt, for
+    # the targets past a chunk's end (token_ids holds only what has been scheduled).
     prompt_ids: list[int] | None = None
 
 
