@@ -70,8 +70,12 @@ def reference_logprobs(model: Any, prompt: list[int], token_ids: list[int]) -> t
                                  dim=-1)
 
 
-def max_logprob_error(model: Any, prompt: list[int], out: Any) -> float:
-    """Largest |tachyon - reference| over every logprob tachyon returned for ``out``."""
+def max_logprob_error(model: Any, prompt: list[int], out: Any, relative: bool = True) -> float:
+    """Largest error over every logprob tachyon returned for ``out``: relative,
+    ``|tachyon - reference| / max(1, |reference|)``, or absolute. Relative because a float32
+    engine's rounding grows with the logit's magnitude (a top-4 logprob of -12 carries ~10x
+    the absolute error of one near 0); the floor of 1 keeps logprobs near 0 absolute."""
     ref = reference_logprobs(model, prompt, out.token_ids)
     return max(abs(lp - float(ref[step, t]))
+               / (max(1.0, abs(float(ref[step, t]))) if relative else 1.0)
                for step, top in enumerate(out.logprobs) for t, lp in top.items())

@@ -20,7 +20,8 @@ from lora_testing import AdapterSpec, max_logprob_error, peft_reference, write_a
 from tachyon import LLM, LoRARequest, SamplingParams
 from tachyon_testing import TINY_VOCAB
 
-# float32 engine against a float64 reference: observed <= 3e-5; a wrong delta is off by > 1.
+# float32 engine against a float64 reference, relative error (lora_testing.max_logprob_error):
+# observed up to ~1.2e-4 absolute on logprobs near -10; a wrong delta is off by > 1.
 LOGPROB_TOL = 1e-4
 # Each adapter must move the outputs at least this much from the base model's.
 MIN_ADAPTER_EFFECT = 0.5
@@ -69,7 +70,8 @@ def _check_against_peft(base: Path, prompts: list[list[int]], loras: list[LoRARe
         err = max_logprob_error(refs[path], prompt, out)
         assert err < LOGPROB_TOL, f"{lora and lora.lora_name}: off PEFT by {err:.2e}"
         if lora is not None:
-            assert max_logprob_error(hf, prompt, out) > MIN_ADAPTER_EFFECT, "adapter no-op"
+            assert max_logprob_error(hf, prompt, out, relative=False) > MIN_ADAPTER_EFFECT, \
+                "adapter no-op"
 
 
 @pytest.mark.parametrize(("name", "merged"), [("llama", False), ("qwen3", True)])
