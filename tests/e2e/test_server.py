@@ -304,7 +304,14 @@ def test_raw_sse_framing(server: str) -> None:
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     payloads = [json.loads(e[6:]) for e in events[:-1]]
-    assert [len(p["choices"]) for p in payloads] == [1, 1, 1, 0]
+    # One choice per content chunk, then the usage chunk with none. Tokens the client has not
+    # read yet merge into one chunk (the API process never queues per-token events), so a
+    # loaded machine may send the 3 tokens in 2 or even 1 chunk.
+    counts = [len(p["choices"]) for p in payloads]
+    assert counts[-1] == 0 and all(c == 1 for c in counts[:-1]), counts
+    assert 1 <= len(counts) - 1 <= 3, counts
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+    assert all(p["choices"][0]["finish_reason"] is None for p in payloads[:-2])
     assert payloads[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
                                      "total_tokens": 6}
 
