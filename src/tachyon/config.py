@@ -178,7 +178,7 @@ class EngineArgs:
 
     model: str | None = field(default=None, metadata=_cli(
         "HF model directory, .gguf file, or a preset name (qwen3-0.6b, qwen3-4b, qwen3-8b, "
-        "llama-3.2-1b: configs only, use with --load-format dummy)",
+        "qwen3-32b, llama-3.2-1b: configs only, use with --load-format dummy)",
         default_help="the embedded SmolLM2-135M-Instruct GGUF", metavar="MODEL"))
     tokenizer: str | None = field(default=None, metadata=_cli(
         "tokenizer directory or .gguf file", default_help="the model's own", metavar="PATH"))

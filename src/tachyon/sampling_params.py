@@ -65,10 +65,6 @@ class SamplingParams:
             self.top_k = 0
         self.validate()
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
     def validate(self) -> None:
         # n has no upper bound here: the server caps it (--max-n); offline, a large n is
         # only a lot of work, like a large max_tokens.
