@@ -443,6 +443,50 @@ def test_echo_logprobs_and_prompt_logprobs_match_hf(client: Any, tokenizer: Any,
                for e in chat_lps[1:])
 
 
+def test_echo_with_max_tokens_zero_returns_only_the_prompt(client: Any, tokenizer: Any,
+                                                           model_dir: Path) -> None:
+    """As vLLM: ``echo`` with ``max_tokens`` 0 returns each prompt (text, and with logprobs
+    its tokens' logprobs, HF's float64 log-softmax within 1e-4) and generates nothing, for
+    a text prompt and a token-id prompt, streamed or not; without echo, 0 is a 400."""
+    from tachyon_testing import load_hf
+
+    hf = load_hf(model_dir)
+    text = "Pack my box with five dozen liquor jugs"
+    text_ids = tokenizer.encode(text)
+    rng = random.Random("echo-only")
+    id_prompt = [rng.randrange(1000, 40000) for _ in range(9)]
+    r = client.completions.create(model=MODEL, prompt=[text_ids, id_prompt], max_tokens=0,
+                                  echo=True, logprobs=1, extra_body={"prompt_logprobs": 1})
+    assert r.usage.completion_tokens == 0
+    assert r.usage.prompt_tokens == len(text_ids) + len(id_prompt)
+    for c in r.choices:
+        ids = [text_ids, id_prompt][c.index]
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        assert c.text == tokenizer.decode(ids) and c.finish_reason == "length"
+        assert c.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+        assert c.logprobs.token_logprobs[0] is None
+        for i in range(1, len(ids)):
+            want = float(ref[i - 1, ids[i]])
+            assert abs(c.logprobs.token_logprobs[i] - want) < 1e-4, f"position {i}"
+            assert abs(c.model_extra["prompt_logprobs"][i][str(ids[i])]["logprob"]
+                       - want) < 1e-4
+    plain = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True)
+    assert plain.choices[0].text == text and plain.choices[0].logprobs is None
+    assert plain.usage.completion_tokens == 0
+    chunks = list(client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True,
+                                            logprobs=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    streamed = [t for c in chunks if c.choices for t in c.choices[0].logprobs.tokens]
+    assert streamed == [tokenizer.decode([t]) for t in text_ids]
+    assert chunks[-1].usage.completion_tokens == 0
+    for body in ({"max_tokens": 0}, {"max_tokens": 0, "echo": False},
+                 {"max_completion_tokens": 0}):
+        with pytest.raises(openai.BadRequestError, match="can be 0 only with 'echo'"):
+            client.completions.create(model=MODEL, prompt=text, extra_body=body)
+
+
 # -- errors ------------------------------------------------------------------------------------
 def _long_prompt() -> list[int]:
     return [7] * (MAX_MODEL_LEN + 1)

@@ -162,10 +162,10 @@ def parse_stream(f: Fields) -> StreamOptions:
     return StreamOptions(stream, usage)
 
 
-def parse_max_tokens(f: Fields) -> int | None:
+def parse_max_tokens(f: Fields, lo: int = 1) -> int | None:
     """``max_completion_tokens`` (the current name) wins over ``max_tokens``."""
-    newer = f.integer("max_completion_tokens", lo=1)
-    older = f.integer("max_tokens", lo=1)
+    newer = f.integer("max_completion_tokens", lo=lo)
+    older = f.integer("max_tokens", lo=lo)
     return newer if newer is not None else older
 
 
@@ -212,7 +212,7 @@ Prompt = str | list[int]
 class CompletionRequest:
     model: str | None
     prompts: list[Prompt]
-    max_tokens: int | None
+    max_tokens: int | None  # 0 only with echo: the prompt comes back, nothing is generated
     echo: bool
     logprobs: int | None
     prompt_logprobs: int | None  # vLLM's extra parameter: returned in each choice
@@ -237,9 +237,14 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         raise OpenAIError("'suffix' is not supported", "suffix")
     logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS)
     echo = f.boolean("echo")
+    max_tokens = parse_max_tokens(f, lo=0)
+    if max_tokens == 0 and not echo:  # as vLLM: nothing to return
+        raise OpenAIError("'max_tokens' can be 0 only with 'echo': true (the prompt is "
+                          "returned and nothing is generated); otherwise it must be >= 1",
+                          "max_tokens")
     stream = parse_stream(f)
     return CompletionRequest(f.string("model"), _prompts(body.get("prompt")),
-                             parse_max_tokens(f), echo, logprobs,
+                             max_tokens, echo, logprobs,
                              parse_prompt_logprobs(f, stream), stream, f)
 
 

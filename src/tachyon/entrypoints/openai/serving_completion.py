@@ -124,13 +124,17 @@ class OpenAIServingCompletion(OpenAIServing):
                 self.check_text_size(p, "prompt")
         prompts = [await self.encode(p, "prompt") if isinstance(p, str) else list(p)
                    for p in req.prompts]
-        max_tokens = min(self.max_tokens_for(len(p), req.max_tokens,
+        # echo with max_tokens 0: as vLLM, one token is generated (the engine scores the
+        # prompt in the same pass) and not shown.
+        echo_only = req.max_tokens == 0
+        max_tokens = min(self.max_tokens_for(len(p), 1 if echo_only else req.max_tokens,
                                              DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
                          for p in prompts)
         params = sampling_params(req.fields, max_tokens, req.logprobs, self.max_n, spec,
                                  req.engine_prompt_logprobs)
         job = Job(new_request_id("cmpl"), req.model or self.model_name, prompts, params,
-                  req.stream, self._echo_prefixes(req, prompts), lora_request=lora)
+                  req.stream, self._echo_prefixes(req, prompts), lora_request=lora,
+                  echo_only=echo_only)
         echo_prompts = prompts if req.echo and req.logprobs is not None else None
         return await self.run(job, CompletionFormatter(self, req.logprobs, echo_prompts,
                                                        req.prompt_logprobs))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import msgspec
@@ -95,7 +95,17 @@ class Job:
     stream: StreamOptions
     prefixes: list[str] | None = None  # per prompt, with echo
     lora_request: LoRARequest | None = None
+    echo_only: bool = False  # completions' echo with max_tokens 0: no generated token shown
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def shown(self, delta: ChoiceDelta) -> ChoiceDelta:
+        """What the client sees of ``delta``: with ``echo_only``, none of its tokens (the
+        one the engine generated only ends the request); the rest (prompt logprobs, finish
+        reason) as it is."""
+        if not self.echo_only:
+            return delta
+        return replace(delta, token_ids=[], text="",
+                       logprobs=None if delta.logprobs is None else [])
 
     def new_choices(self) -> list[Choice]:
         n = self.params.n
@@ -258,7 +268,7 @@ class OpenAIServing:
         try:
             async for deltas in stream:
                 for d in deltas:
-                    choices[d.index].add(d)
+                    choices[d.index].add(job.shown(d))
         except RequestRejected as e:
             raise OpenAIError(str(e)) from None
         except EngineDeadError as e:
@@ -277,7 +287,7 @@ class OpenAIServing:
         try:
             async with stream:
                 async for deltas in stream:
-                    for d in deltas:
+                    for d in map(job.shown, deltas):
                         choice = choices[d.index]
                         yield sse({**head, "choices": [fmt.chunk_choice(choice, d)], **tail})
                         choice.add(d)
