@@ -3,12 +3,15 @@ adapters swapped between steps and no graph captured again (GPU only).
 
 Three PEFT adapters (ranks 16/4/8, target subsets, rsLoRA) on the tiny Llama; two GPU slots,
 so the second round evicts one; then ``update_lora`` pushes new weights into a resident slot.
-Every request's top logprobs must match PEFT's (float64, CPU) within the bf16 HF-parity
-tolerance, and each adapter must move them far more than that.
+Every request's top logprobs must match PEFT's (float64, CPU) as closely as PEFT itself does
+when run in bf16 (a strong adapter on this tiny model makes bf16 rounding alone cost ~0.1 of
+relative error, so a fixed tolerance would fail PEFT too), and each adapter must move them far
+more than that.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,10 @@ from tachyon_testing import TINY_VOCAB, write_tiny_model
 
 pytestmark = pytest.mark.gpu
 
-# Relative norm of the top-k logprob error, as the bf16 HF parity test (test_engine_gpu.py).
+# Relative norm of the top-k logprob error: the bf16 HF parity tolerance (test_engine_gpu.py),
+# or BF16_SLACK times PEFT's own error in bf16 on the same tokens where that is larger.
 REL_TOL = 2e-2
+BF16_SLACK = 1.5
 MIN_ADAPTER_EFFECT = 0.2  # relative change an adapter makes against the base model
 MAX_NEW = 8
 SPECS = [AdapterSpec(r=16, alpha=32), AdapterSpec(r=4, alpha=8, targets=("q_proj", "v_proj"),
@@ -31,15 +36,25 @@ SPECS = [AdapterSpec(r=16, alpha=32), AdapterSpec(r=4, alpha=8, targets=("q_proj
          AdapterSpec(r=8, alpha=16, targets=("o_proj", "gate_proj", "up_proj", "down_proj"))]
 
 
-def _rel_error(model: Any, prompt: list[int], out: Any) -> float:
+def _rel_error(model: Any, prompt: list[int], out: Any, ours: Any = None) -> float:
+    """Worst relative norm of the error of the top-k logprobs ``out`` returned (or of the
+    same positions in ``ours``, a second model's logprobs) against ``model``'s."""
     ref = reference_logprobs(model, prompt, out.token_ids)
     worst = 0.0
     for step, top in enumerate(out.logprobs):
         ids = list(top)
-        ours = torch.tensor([top[i] for i in ids], dtype=torch.float64)
+        got = (torch.tensor([top[i] for i in ids], dtype=torch.float64) if ours is None
+               else ours[step, ids])
         theirs = ref[step, ids]
-        worst = max(worst, float((ours - theirs).norm() / theirs.norm()))
+        worst = max(worst, float((got - theirs).norm() / theirs.norm()))
     return worst
+
+
+def _tolerance(model: Any, prompt: list[int], out: Any) -> float:
+    """What PEFT itself reaches in bf16 on these tokens, with slack, floored at REL_TOL."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    peft_bf16 = reference_logprobs(bf16, prompt, out.token_ids)
+    return max(REL_TOL, BF16_SLACK * _rel_error(model, prompt, out, ours=peft_bf16))
 
 
 @pytest.mark.parametrize("mode", ["FULL", "FULL_AND_PIECEWISE"])
@@ -77,7 +92,8 @@ def test_lora_bf16_matches_peft_without_recapture(mode: str, tmp_path: Path) -> 
                 if path not in refs:
                     refs[path] = peft_reference(base, Path(path))
                 err = _rel_error(refs[path], prompt, out.outputs[0])
-                assert err < REL_TOL, f"{mode} {lora and lora.lora_name}: {err:.3e}"
+                tol = _tolerance(refs[path], prompt, out.outputs[0])
+                assert err < tol, f"{mode} {lora and lora.lora_name}: {err:.3e} > {tol:.3e}"
                 if lora is not None:
                     assert _rel_error(hf, prompt, out.outputs[0]) > MIN_ADAPTER_EFFECT
         assert not captures, "adapters changing made graphs be captured again"
