@@ -67,7 +67,8 @@ from tachyon.executor.stderr_relay import StderrRelay
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, named_tensor_list
 from tachyon.lora.request import LoRARequest
 from tachyon.step import ModelRunnerOutput, PendingResult, SchedulerOutput
-from tachyon.worker.model_runner import ModelRunner, PendingOutput
+from tachyon.worker.model_runner import ModelRunner
+from tachyon.worker.pending import PendingOutput
 from tachyon.worker.sleep import MemoryReport
 
 logger = logging.getLogger(__name__)
