@@ -430,8 +430,8 @@ def test_spawned_workers_explain_an_unguarded_script(models: dict[str, str],
     proc = _run_script(tmp_path / "plain_spawn.py", f"""
         import json, multiprocessing
         from tachyon import LLM
-        from tachyon.executor import multiproc
-        multiproc._start_method = lambda device: "spawn"
+        from tachyon.executor import supervisor
+        supervisor._start_method = lambda device: "spawn"
         try:
             LLM({models["llama"]!r}, tensor_parallel_size=2, **{ENGINE_KW!r})
         except RuntimeError as e:
@@ -451,16 +451,16 @@ def test_spawned_workers_explain_an_unguarded_script(models: dict[str, str],
 
 def _fail_rank_one(monkeypatch: pytest.MonkeyPatch, fail: Callable[[], None]) -> None:
     """Rank 1 runs ``fail`` as it starts (a forked worker inherits the patch)."""
-    from tachyon.executor import multiproc
+    from tachyon.executor import rank_worker
 
-    start = multiproc.TPWorker.__init__
+    start = rank_worker.TPWorker.__init__
 
     def init(self: Any, config: Any, rank: int, *args: Any) -> None:
         if rank == 1:
             fail()
         start(self, config, rank, *args)
 
-    monkeypatch.setattr(multiproc.TPWorker, "__init__", init)
+    monkeypatch.setattr(rank_worker.TPWorker, "__init__", init)
 
 
 def test_a_rank_s_exception_reaches_the_driver(models: dict[str, str],
@@ -541,7 +541,7 @@ def test_rank0_queues_the_next_step_before_the_last_is_done(tmp_path: Path) -> N
     import multiprocessing as mp
 
     from tachyon.distributed.shm_broadcast import RingSpec, ShmBroadcastReader, ShmBroadcastWriter
-    from tachyon.executor import multiproc
+    from tachyon.executor import rank_worker, spawned_worker
 
     log: list[tuple[str, int]] = []
 
@@ -561,7 +561,7 @@ def test_rank0_queues_the_next_step_before_the_last_is_done(tmp_path: Path) -> N
     spec = RingSpec.create(mp.get_context("fork"), str(tmp_path), num_readers=1)
     writer = ShmBroadcastWriter(spec)
     replies, conn = mp.Pipe(duplex=False)
-    loop = threading.Thread(target=multiproc._drive,
+    loop = threading.Thread(target=spawned_worker.drive,
                             args=(Worker(), ShmBroadcastReader(spec, 0), conn), daemon=True)
     loop.start()
     start = time.monotonic()
@@ -571,7 +571,7 @@ def test_rank0_queues_the_next_step_before_the_last_is_done(tmp_path: Path) -> N
     assert got == [("result", 0), ("result", 1)]
     # Woken by the device's end, not by a timeout: both steps within a few device steps.
     assert time.monotonic() - start < 4 * DEVICE_STEP_S + 0.1
-    writer.write(multiproc._STOP)
+    writer.write(rank_worker.STOP)
     loop.join(timeout=5)
     assert not loop.is_alive()
     assert log == [("queued", 0), ("queued", 1), ("reply", 0), ("reply", 1)]
