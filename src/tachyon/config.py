@@ -12,6 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the module stays importable without torch (the CLI's --help)
@@ -19,6 +20,14 @@ if TYPE_CHECKING:  # the module stays importable without torch (the CLI's --help
 
 ENV_CUDAGRAPH_MODE = "TACHYON_CUDAGRAPH_MODE"
 ENV_ATTENTION_BACKEND = "TACHYON_ATTENTION_BACKEND"
+ENV_CACHE_DIR = "TACHYON_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """Where tachyon keeps what it derives between runs (compiled graphs, GGUF weights):
+    ``$TACHYON_CACHE_DIR``, by default ``~/.cache/tachyon``."""
+    return Path(os.environ.get(ENV_CACHE_DIR, Path.home() / ".cache" / "tachyon"))
+
 
 # Default KV budget on CPU, where there is no device memory to profile.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30

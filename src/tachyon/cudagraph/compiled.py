@@ -20,14 +20,14 @@ import torch
 from torch import nn
 from torch.fx.passes.split_module import split_module
 
+from tachyon.config import cache_root
 from tachyon.cudagraph.modes import RuntimeMode
 
 logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    root = Path(os.environ.get("TACHYON_CACHE_DIR", Path.home() / ".cache" / "tachyon"))
-    return root / "compile"
+    return cache_root() / "compile"
 
 
 def _is_attention(node: torch.fx.Node) -> bool:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tachyon.config import cache_root
+
 logger = logging.getLogger(__name__)
 
 # Std of dummy weights: small enough that activations stay finite through dozens of layers.
@@ -41,8 +43,7 @@ def gguf_cache_dir(gguf_path: str) -> Path:
     changes when the file does."""
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    root = Path(os.environ.get("TACHYON_CACHE_DIR", Path.home() / ".cache" / "tachyon"))
-    return root / "gguf" / f"{Path(gguf_path).stem}-{key.hexdigest()[:16]}"
+    return cache_root() / "gguf" / f"{Path(gguf_path).stem}-{key.hexdigest()[:16]}"
 
 
 def _gguf_cache_path(gguf_path: str) -> Path:
