@@ -113,7 +113,7 @@ class _DeviceWatcher:
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._last: object | None = None
+        self._last: PendingOutput | CallReply | None = None
         self._thread: threading.Thread | None = None
 
     def watch(self, pending: PendingOutput | CallReply) -> None:
