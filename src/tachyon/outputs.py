@@ -9,6 +9,10 @@ Logprobs = list[dict[int, float]]
 # One entry per prompt token: None for the first (nothing predicts it), then token id ->
 # logprob (the prompt token first, then the top-k), as vLLM's ``prompt_logprobs``.
 PromptLogprobs = list[dict[int, float] | None]
+# One entry per prompt token, aligned with PromptLogprobs: None for the first, then the
+# token's rank, 1 + the number of vocabulary entries with a strictly greater logprob (vLLM's
+# ``Logprob.rank``), exact wherever the token falls.
+PromptTokenRanks = list[int | None]
 
 
 @dataclass
@@ -35,3 +39,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_token_ranks: PromptTokenRanks | None = None  # with prompt_logprobs

@@ -64,6 +64,12 @@ class SchedulerOutput:
         return not self.requests
 
 
+# One scored prompt position: (the prompt token's rank, [(prompt token, logprob), top-k ...]).
+# The rank is vLLM's: 1 + the number of vocabulary entries with a strictly greater logprob,
+# exact even when the token is far outside the top-k.
+PromptLogprobRow = tuple[int, list[tuple[int, float]]]
+
+
 @dataclass
 class ModelRunnerOutput:
     """What a step sampled, on the host: one entry per request whose ``sample`` was set,
@@ -79,9 +85,9 @@ class ModelRunnerOutput:
     spec_token_ids: list[list[int]] | None = None
     spec_logprobs: list[list[list[tuple[int, float]]]] | None = None
     # Requests with ``params.prompt_logprobs`` whose chunk covered prompt positions this
-    # step: request id -> (first prompt position scored, one row per position p from it:
-    # [(prompt token p + 1, logprob), top-k ...] from the logits at position p).
-    prompt_logprobs: dict[str, tuple[int, list[list[tuple[int, float]]]]] | None = None
+    # step: request id -> (first prompt position scored, one row per position p from it,
+    # scoring prompt token p + 1 from the logits at position p).
+    prompt_logprobs: dict[str, tuple[int, list[PromptLogprobRow]]] | None = None
 
 
 class PendingResult(Protocol):

@@ -1,11 +1,13 @@
 """Prompt logprobs (``SamplingParams.prompt_logprobs``) against HF transformers in float64.
 
 Every prompt position after the first must carry the log-softmax HF gives for that prompt
-token, and HF's top-k, within 1e-4: for a prompt longer than the token budget (its prefill
-is chunked over several steps, and scored in slices of max_num_seqs rows), batched with
-requests that want none or another k; with asynchronous scheduling, speculative decoding
-and emulated FULL CUDA graphs (a 2-token prefill alone replays a mixed FULL graph) too;
-under preemption; and through ``LLM.generate``.
+token, and HF's top-k, within 1e-4, and the token's exact rank (1 + the number of vocabulary
+entries with a greater HF logprob; random prompt tokens fall far outside the top-k): for a
+prompt longer than the token budget (its prefill is chunked over several steps, and scored
+in slices of max_num_seqs rows), batched with requests that want none or another k; with
+asynchronous scheduling, speculative decoding and emulated FULL CUDA graphs (a 2-token
+prefill alone replays a mixed FULL graph) too; under preemption; and through
+``LLM.generate``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from graph_testing import PersistentTorchBackend
 from tachyon.config import EngineArgs
 from tachyon.engine.llm_engine import LLMEngine
-from tachyon.outputs import PromptLogprobs, RequestOutput
+from tachyon.outputs import RequestOutput
 from tachyon.sampling_params import SamplingParams
 from tachyon.worker import model_runner
 from tachyon_testing import TINY_VOCAB, load_hf
@@ -49,13 +51,20 @@ def hf_log_softmax(model: Any, prompt: list[int]) -> torch.Tensor:
     return logits[:-1].log_softmax(dim=-1)
 
 
-def check_against_hf(model: Any, prompt: list[int], got: PromptLogprobs, k: int) -> None:
+def check_against_hf(model: Any, prompt: list[int], out: RequestOutput, k: int) -> None:
+    got, ranks = out.prompt_logprobs, out.prompt_token_ranks
     assert len(got) == len(prompt) and got[0] is None
+    assert len(ranks) == len(prompt) and ranks[0] is None
     ref = hf_log_softmax(model, prompt)
     top = ref.topk(k, dim=-1)
     for i, row in enumerate(got[1:]):
         token = prompt[i + 1]
         assert abs(row[token] - float(ref[i, token])) < ABS_TOL, f"position {i + 1}"
+        # The exact rank, up to entries within the tolerance of the token's logprob (float32
+        # against float64 may order those either way).
+        lp = ref[i, token]
+        lowest, highest = (1 + int((ref[i] > lp + d).sum()) for d in (ABS_TOL, -ABS_TOL))
+        assert lowest <= ranks[i + 1] <= highest, f"position {i + 1}: rank {ranks[i + 1]}"
         expected = {int(t): float(v) for t, v in zip(top.indices[i], top.values[i],
                                                      strict=True)}
         expected[token] = float(ref[i, token])
@@ -99,17 +108,19 @@ def test_prompt_logprobs_match_hf_chunked_and_batched(variant: str,
         "plain": (plain_prompt, SamplingParams(**greedy)),
         "short": (short_prompt, SamplingParams(prompt_logprobs=0, logprobs=1, **greedy)),
     })
-    check_against_hf(hf_llama, long_prompt, done["long"].prompt_logprobs, 3)
-    check_against_hf(hf_llama, short_prompt, done["short"].prompt_logprobs, 0)
+    check_against_hf(hf_llama, long_prompt, done["long"], 3)
+    check_against_hf(hf_llama, short_prompt, done["short"], 0)
+    # Random tokens of a random model: most prompt tokens rank far below the top-k.
+    assert sum(r > 4 for r in done["long"].prompt_token_ranks[1:]) > len(long_prompt) // 2
     assert done["plain"].prompt_logprobs is None
     assert len(done["short"].outputs[0].logprobs) == 3  # sampled logprobs still come
 
     # The same prompt again: its blocks are cached, but prompt logprobs skip the cache.
     again = run(engine, {"again": (long_prompt, SamplingParams(prompt_logprobs=3, **greedy))})
     assert again["again"].num_cached_tokens == 0
-    check_against_hf(hf_llama, long_prompt, again["again"].prompt_logprobs, 3)
+    check_against_hf(hf_llama, long_prompt, again["again"], 3)
     two = run(engine, {"two": (short_prompt[:2], SamplingParams(prompt_logprobs=2, **greedy))})
-    check_against_hf(hf_llama, short_prompt[:2], two["two"].prompt_logprobs, 2)
+    check_against_hf(hf_llama, short_prompt[:2], two["two"], 2)
 
 
 def test_prompt_logprobs_survive_preemption(tiny_models: dict[str, Path],
@@ -126,7 +137,7 @@ def test_prompt_logprobs_survive_preemption(tiny_models: dict[str, Path],
     done = run(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
     assert engine.scheduler.num_preemptions > 0
     for i, prompt in enumerate(prompts):
-        check_against_hf(hf_llama, prompt, done[f"r{i}"].prompt_logprobs, 1)
+        check_against_hf(hf_llama, prompt, done[f"r{i}"], 1)
 
 
 def test_llm_generate_returns_prompt_logprobs(tiny_models: dict[str, Path],
@@ -139,7 +150,7 @@ def test_llm_generate_returns_prompt_logprobs(tiny_models: dict[str, Path],
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(prompt_logprobs=2, max_tokens=2, n=2, seed=0))
     for prompt, out in zip(prompts, outs, strict=True):
-        check_against_hf(hf_llama, prompt, out.prompt_logprobs, 2)
+        check_against_hf(hf_llama, prompt, out, 2)
 
 
 def test_prompt_logprobs_out_of_range_is_refused() -> None:

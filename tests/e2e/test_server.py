@@ -389,7 +389,8 @@ def test_prompt_forms_and_echo(client: Any, tokenizer: Any) -> None:
 def test_echo_logprobs_and_prompt_logprobs_match_hf(client: Any, tokenizer: Any,
                                                     model_dir: Path) -> None:
     """echo with logprobs lists the prompt's tokens first (the first one null), and vLLM's
-    prompt_logprobs comes in the choice: both are HF's float64 log-softmax within 1e-4."""
+    prompt_logprobs comes in the choice: both are HF's float64 log-softmax within 1e-4, and
+    each prompt token has its exact rank, in the top-k or not."""
     from tachyon_testing import load_hf
 
     prompt = "The quick brown fox jumps over the lazy"
@@ -416,6 +417,9 @@ def test_echo_logprobs_and_prompt_logprobs_match_hf(client: Any, tokenizer: Any,
                                                           for t in top2.indices}
         entries = prompt_lps[i]
         assert abs(entries[str(ids[i])]["logprob"] - want) < 1e-4, f"position {i}"
+        # Its exact rank wherever it falls (up to HF entries within 1e-4 of it).
+        lowest, highest = (1 + int((ref[i - 1] > want + d).sum()) for d in (1e-4, -1e-4))
+        assert lowest <= entries[str(ids[i])]["rank"] <= highest, f"position {i}"
         for rank, (t, v) in enumerate(zip(top2.indices, top2.values, strict=True), start=1):
             e = entries[str(int(t))]
             assert e["rank"] == rank and abs(e["logprob"] - float(v)) < 1e-4

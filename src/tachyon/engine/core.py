@@ -18,7 +18,7 @@ from tachyon.engine.request import Request, RequestStatus
 from tachyon.engine.scheduler import Scheduler
 from tachyon.lora.request import LoRARequest
 from tachyon.sampling_params import SamplingParams
-from tachyon.step import ModelRunnerOutput, PendingResult, SchedulerOutput
+from tachyon.step import ModelRunnerOutput, PendingResult, PromptLogprobRow, SchedulerOutput
 
 if TYPE_CHECKING:
     from tachyon.loader.update import NamedTensors, WeightUpdateReport
@@ -40,8 +40,8 @@ class TokenEvent:
     stop_reason: int | None  # the stop token id that ended it, if one did
     logprobs: list[tuple[int, float]] | None  # sampled token first, then the top-k
     # With the request's first token, if it asked for them: prompt positions 1.. in order,
-    # each [(prompt token, logprob), top-k ...].
-    prompt_logprobs: list[list[tuple[int, float]]] | None = None
+    # each (rank, [(prompt token, logprob), top-k ...]).
+    prompt_logprobs: list[PromptLogprobRow] | None = None
 
 
 class EngineCore:
@@ -61,7 +61,7 @@ class EngineCore:
         self._inflight: tuple[SchedulerOutput, PendingResult] | None = None
         self._penalty_requests: set[str] = set()
         # Prompt logprobs gathered over a prompt's chunks until its first token hands them on.
-        self._prompt_logprobs: dict[str, list[list[tuple[int, float]]]] = {}
+        self._prompt_logprobs: dict[str, list[PromptLogprobRow]] = {}
         self.stats = {"generation_tokens": 0, "steps": 0, "preemptions": 0}
         if config.speculative is not None:
             self.scheduler.enable_speculation(config.speculative)
@@ -178,7 +178,7 @@ class EngineCore:
         return events
 
     def _gather_prompt_logprobs(
-            self, chunks: dict[str, tuple[int, list[list[tuple[int, float]]]]]) -> None:
+            self, chunks: dict[str, tuple[int, list[PromptLogprobRow]]]) -> None:
         """Place each chunk at its positions: a prefill recomputed after preemption
         overwrites what it scored before, and one after the first token is ignored."""
         for rid, (position, rows) in chunks.items():
@@ -187,7 +187,7 @@ class EngineCore:
                 del gathered[position:]
                 gathered.extend(rows)
 
-    def _take_prompt_logprobs(self, rid: str) -> list[list[tuple[int, float]]] | None:
+    def _take_prompt_logprobs(self, rid: str) -> list[PromptLogprobRow] | None:
         return self._prompt_logprobs.pop(rid, None) if self._prompt_logprobs else None
 
     def reset_prefix_cache(self) -> None:

@@ -21,8 +21,9 @@ from tachyon.engine.detokenizer import IncrementalDetokenizer, finish_reason_of
 from tachyon.engine.request import Request, RequestStatus
 from tachyon.loader.tokenizer import load_tokenizer
 from tachyon.lora.request import LoRARequest
-from tachyon.outputs import CompletionOutput, PromptLogprobs, RequestOutput
+from tachyon.outputs import CompletionOutput, PromptLogprobs, PromptTokenRanks, RequestOutput
 from tachyon.sampling_params import SamplingParams
+from tachyon.step import PromptLogprobRow
 
 if TYPE_CHECKING:
     from tachyon.loader.update import NamedTensors, WeightUpdateReport
@@ -53,6 +54,7 @@ class _Parent:
     arrival: float
     metrics: dict[str, float] = field(default_factory=dict)
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ranks: PromptTokenRanks | None = None
 
     @property
     def finished(self) -> bool:
@@ -185,6 +187,7 @@ class LLMEngine:
                 continue  # a stop string ended it earlier in this step (speculation)
             if ev.prompt_logprobs is not None:
                 parent.prompt_logprobs = prompt_logprobs_of(ev.prompt_logprobs)
+                parent.prompt_token_ranks = prompt_token_ranks_of(ev.prompt_logprobs)
             self._on_token(seq, ev, now, stopped)
             touched[parent.request_id] = parent
         if stopped:  # stop strings: finish in the scheduler so the blocks are freed now
@@ -226,7 +229,7 @@ class LLMEngine:
         cached = max(0, parent.seqs[0].request.num_cached_tokens)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
                              [s.output for s in parent.seqs], finished, cached,
-                             parent.prompt_logprobs, metrics)
+                             parent.prompt_logprobs, metrics, parent.prompt_token_ranks)
 
     def take_text_delta(self, request_id: str, index: int, finished: bool) -> str:
         """For streaming: the text of sample ``index`` not yet handed out."""
@@ -277,9 +280,14 @@ def child_params(params: SamplingParams, i: int) -> SamplingParams:
     return sp
 
 
-def prompt_logprobs_of(rows: list[list[tuple[int, float]]]) -> PromptLogprobs:
+def prompt_logprobs_of(rows: list[PromptLogprobRow]) -> PromptLogprobs:
     """The engine core's rows (prompt positions 1..) as ``RequestOutput.prompt_logprobs``."""
-    return [None, *(dict(row) for row in rows)]
+    return [None, *(dict(entries) for _, entries in rows)]
+
+
+def prompt_token_ranks_of(rows: list[PromptLogprobRow]) -> PromptTokenRanks:
+    """The rows' ranks as ``RequestOutput.prompt_token_ranks``."""
+    return [None, *(rank for rank, _ in rows)]
 
 
 def eos_token_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:

@@ -97,8 +97,9 @@ class StepOutputs(msgspec.Struct, tag="step", array_like=True, gc=False):
     stats: CoreStats
     lora_updates: list[LoRAUpdate] = []
     # Empty if no event has any, else aligned: with a request's first token, if it asked,
-    # its prompt positions 1.. in order, each [(prompt token, logprob), top-k ...].
-    prompt_logprobs: list[list[list[tuple[int, float]]] | None] = []
+    # its prompt positions 1.. in order, each (the prompt token's rank, [(prompt token,
+    # logprob), top-k ...]).
+    prompt_logprobs: list[list[tuple[int, list[tuple[int, float]]]] | None] = []
 
 
 class CoreReady(msgspec.Struct, tag="ready", array_like=True):

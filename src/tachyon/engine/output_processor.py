@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tachyon.engine.detokenizer import IncrementalDetokenizer
-from tachyon.engine.llm_engine import prompt_logprobs_of
+from tachyon.engine.llm_engine import prompt_logprobs_of, prompt_token_ranks_of
 from tachyon.engine.messages import StepOutputs
-from tachyon.outputs import PromptLogprobs
+from tachyon.outputs import PromptLogprobs, PromptTokenRanks
 from tachyon.sampling_params import SamplingParams
 
 
@@ -36,6 +36,7 @@ class ChoiceDelta:
     stop_reason: int | str | None = None
     # With the choice's first token, if asked: RequestOutput.prompt_logprobs' shape.
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ranks: PromptTokenRanks | None = None  # with prompt_logprobs
 
 
 @dataclass
@@ -66,12 +67,13 @@ class RequestCollector:
 
     def put(self, index: int, token_id: int, text: str, logprobs: dict[int, float] | None,
             finish_reason: str | None, stop_reason: int | str | None = None,
-            prompt_logprobs: PromptLogprobs | None = None) -> None:
+            prompt_logprobs: PromptLogprobs | None = None,
+            prompt_token_ranks: PromptTokenRanks | None = None) -> None:
         d = self._pending.get(index)
         if d is None:
             d = self._pending[index] = ChoiceDelta(index)
         if prompt_logprobs is not None:
-            d.prompt_logprobs = prompt_logprobs
+            d.prompt_logprobs, d.prompt_token_ranks = prompt_logprobs, prompt_token_ranks
         d.token_ids.append(token_id)
         d.text += text
         if logprobs is not None:
@@ -181,9 +183,10 @@ class OutputProcessor:
                     reason, stop_reason = "stop", s.detok.stop_reason
                 text = s.detok.take_delta(reason is not None)
             lps = dict(logprobs[i]) if logprobs and logprobs[i] is not None else None
-            prompt_lps = prompt_logprobs_of(prompt_logprobs[i]) \
-                if prompt_logprobs and prompt_logprobs[i] is not None else None
-            s.collector.put(s.index, token, text, lps, reason, stop_reason, prompt_lps)
+            rows = prompt_logprobs[i] if prompt_logprobs else None
+            prompt_lps = prompt_logprobs_of(rows) if rows is not None else None
+            ranks = prompt_token_ranks_of(rows) if rows is not None else None
+            s.collector.put(s.index, token, text, lps, reason, stop_reason, prompt_lps, ranks)
             if s.last_token_time is None:
                 stats.time_to_first_token.append(now - s.prompt.arrival)
             else:

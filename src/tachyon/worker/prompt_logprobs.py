@@ -7,24 +7,27 @@ import torch
 from torch import nn
 
 from tachyon.layers.sampler import gather_logprobs
-from tachyon.step import ScheduledRequest
+from tachyon.step import PromptLogprobRow, ScheduledRequest
 from tachyon.worker.request_state import RequestState
 from tachyon.worker.step_plan import PromptLogprobSpan, StepPlan
 
 
 class PendingPromptLogprobs:
     """A step's prompt logprobs on their way to the host: one float64 tensor per step,
-    ``[R, 2 (k + 1)]`` holding the token ids (exact in float64) then their logprobs."""
+    ``[R, 2 (k + 1) + 1]`` holding the token ids (exact in float64), their logprobs, then
+    the prompt token's rank (exact too)."""
 
     def __init__(self, host: torch.Tensor, spans: list[PromptLogprobSpan]) -> None:
         self.host, self.spans = host, spans
 
-    def result(self) -> dict[str, tuple[int, list[list[tuple[int, float]]]]]:
+    def result(self) -> dict[str, tuple[int, list[PromptLogprobRow]]]:
         width = self.host.shape[1] // 2
         ids = self.host[:, :width].long().tolist()
-        vals = self.host[:, width:].tolist()
+        vals = self.host[:, width:-1].tolist()
+        ranks = self.host[:, -1].long().tolist()
         return {sp.request_id: (sp.position, [
-            list(zip(ids[j][:sp.num_logprobs + 1], vals[j][:sp.num_logprobs + 1], strict=True))
+            (ranks[j], list(zip(ids[j][:sp.num_logprobs + 1], vals[j][:sp.num_logprobs + 1],
+                                strict=True)))
             for j in range(sp.row, sp.row + sp.num)]) for sp in self.spans}
 
 
@@ -49,8 +52,8 @@ def stage_prompt_logprobs(plan: StepPlan, s: ScheduledRequest, st: RequestState,
 def score_prompt(model: nn.Module, plan: StepPlan, hidden: torch.Tensor, max_rows: int,
                  device: torch.device) -> PendingPromptLogprobs:
     """Float32 log-softmax at the scored prompt positions (raw logits: no penalties or
-    temperature apply to a prompt), the next prompt token's logprob and the top-k, all on
-    the device; one copy back is queued."""
+    temperature apply to a prompt), the next prompt token's logprob, its rank and the top-k,
+    all on the device; one copy back is queued."""
     idx = torch.tensor([plan.prompt_index, plan.prompt_targets], dtype=torch.int64)
     idx = idx.to(device, non_blocking=True)
     k = max(sp.num_logprobs for sp in plan.prompt_spans)
@@ -59,8 +62,9 @@ def score_prompt(model: nn.Module, plan: StepPlan, hidden: torch.Tensor, max_row
     parts = []
     for rows, tokens in zip(idx[0].split(max_rows), idx[1].split(max_rows), strict=True):
         logprobs = model.compute_logits(hidden[rows]).float().log_softmax(dim=-1)
-        ids, vals, _ = gather_logprobs(logprobs, tokens, k)
-        parts.append(torch.cat([ids.double(), vals.double()], dim=1))
+        ids, vals, ranks = gather_logprobs(logprobs, tokens, k)
+        parts.append(torch.cat([ids.double(), vals.double(), ranks.double().unsqueeze(1)],
+                               dim=1))
     packed = torch.cat(parts)
     host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=device.type == "cuda")
     host.copy_(packed, non_blocking=True)

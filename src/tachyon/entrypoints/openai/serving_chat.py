@@ -81,9 +81,8 @@ class ChatFormatter:
         """As vLLM: the one prompt's logprobs at the top level of the response."""
         if self.num_prompt_logprobs is None:
             return {}
-        assert choices[0].prompt_logprobs is not None
         return {"prompt_logprobs": prompt_logprobs_json(
-            self.serving, choices[0].prompt_logprobs, self.num_prompt_logprobs)}
+            self.serving, choices[0], self.num_prompt_logprobs)}
 
     def _entry(self, token: int, lps: dict[int, float]) -> dict[str, Any]:
         assert self.k is not None

@@ -60,9 +60,8 @@ class CompletionFormatter:
         out = {"index": choice.index, "text": choice.text, "logprobs": lps,
                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
         if self.num_prompt_logprobs is not None:
-            assert choice.prompt_logprobs is not None
             out["prompt_logprobs"] = prompt_logprobs_json(
-                self.serving, choice.prompt_logprobs, self.num_prompt_logprobs)
+                self.serving, choice, self.num_prompt_logprobs)
         return out
 
     def response_fields(self, choices: list[Choice]) -> dict[str, Any]:

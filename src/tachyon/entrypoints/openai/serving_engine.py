@@ -29,7 +29,7 @@ from tachyon.engine.async_llm import (
 from tachyon.entrypoints.openai.cli_args import ServerSettings
 from tachyon.entrypoints.openai.protocol import OpenAIError, StreamOptions, model_not_found
 from tachyon.lora.request import LoRARequest
-from tachyon.outputs import PromptLogprobs
+from tachyon.outputs import PromptLogprobs, PromptTokenRanks
 from tachyon.sampling_params import SamplingParams
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -66,6 +66,7 @@ class Choice:
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     text_offset: int = 0  # characters of token strings so far (completions logprobs)
     prompt_logprobs: PromptLogprobs | None = None  # with the first delta, if asked
+    prompt_token_ranks: PromptTokenRanks | None = None  # with prompt_logprobs
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +83,7 @@ class Choice:
             self.logprobs.extend(delta.logprobs)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+            self.prompt_token_ranks = delta.prompt_token_ranks
         self.finish_reason = delta.finish_reason
         self.stop_reason = delta.stop_reason
 
@@ -145,20 +147,25 @@ def top_logprobs(lps: dict[int, float], k: int) -> list[tuple[int, float]]:
     return [(t, finite(lp)) for t, lp in sorted(lps.items(), key=lambda kv: -kv[1])[:k]]
 
 
-def prompt_logprobs_json(serving: OpenAIServing, positions: PromptLogprobs, k: int
+def prompt_logprobs_json(serving: OpenAIServing, choice: Choice, k: int
                          ) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's ``prompt_logprobs``: per prompt token ``{token id: {logprob, rank,
-    decoded_token}}`` (the prompt token and the top ``k``). A rank is known for the top
-    ``k`` only (the prompt token outside them gets ``None``)."""
+    decoded_token}}`` (the prompt token and the top ``k``). The prompt token's rank is the
+    engine's exact one wherever it falls; the top ``k`` are ranked by position, as vLLM
+    (which only differs from the exact rank on ties)."""
+    positions, exact = choice.prompt_logprobs, choice.prompt_token_ranks
+    assert positions is not None and exact is not None
     out: list[dict[str, dict[str, Any]] | None] = []
-    for lps in positions:
+    for lps, prompt_rank in zip(positions, exact, strict=True):
         if lps is None:
             out.append(None)
             continue
         top = top_logprobs(lps, k)
         ranks = {t: r for r, (t, _) in enumerate(top, start=1)}
-        entries = list(lps.items())[:1] + top  # the prompt token comes first
-        out.append({str(t): {"logprob": finite(lp), "rank": ranks.get(t),
+        token, logprob = next(iter(lps.items()))  # the prompt token comes first
+        ranks.setdefault(token, prompt_rank)
+        entries = [(token, logprob), *top]
+        out.append({str(t): {"logprob": finite(lp), "rank": ranks[t],
                              "decoded_token": serving.token_text(t)} for t, lp in entries})
     return out
 
