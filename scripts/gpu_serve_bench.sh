@@ -37,21 +37,30 @@ for _ in $(seq 1 300); do
 done
 if [[ $up != 1 ]]; then echo "tachyon serve did not come up"; tail -20 "$OUT/server.log"; exit 1; fi
 
-api_cpu() {  # CPU seconds of the API process, and engine steps so far
+api_cpu() {  # API process CPU seconds, then the core's counters: steps, step/wait/loop/send s
   awk '{print ($14 + $15) / 100}' /proc/$SERVER/stat
-  curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^tachyon:engine_steps_total /{print $2}'
+  curl -s "http://127.0.0.1:$PORT/metrics" | awk '
+    /^tachyon:engine_steps_total /{a=$2} /^tachyon:engine_step_seconds_total /{b=$2}
+    /^tachyon:engine_wait_seconds_total /{c=$2} /^tachyon:engine_loop_seconds_total /{d=$2}
+    /^tachyon:engine_send_seconds_total /{e=$2} END {print a; print b; print c; print d; print e}'
 }
 bench() {  # $1 = label, $2 = request rate, $3 = number of prompts
   local before; before=($(api_cpu))
-  python3 -m tachyon.entrypoints.cli bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
+  ${API_PROFILE_WRAP:-} python3 -m tachyon.entrypoints.cli bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
       --endpoint /v1/completions --model "$M" --tokenizer "$M" --dataset-name random \
       --random-input-len 512 --random-output-len 256 --num-prompts "$3" --request-rate "$2" \
       --ignore-eos --seed 0 --save-result --result-dir "$OUT" --result-filename "tachyon_$1.json" \
       2>&1 | tail -22
   local after; after=($(api_cpu))
-  # Is the API process the bound? Its CPU per engine step against the step time (TPOT).
-  awk -v c="${after[0]}" -v c0="${before[0]}" -v s="${after[1]}" -v s0="${before[1]}" -v l="$1" \
-      'BEGIN {printf "%s: API process CPU %.2f ms per engine step (%d steps)\n", l, 1000 * (c - c0) / (s - s0), s - s0}' \
+  # Where a served step's time goes: the API process's CPU per engine step, and in the core
+  # the step (blocked on the device vs host work) and the loop around it (outputs sent).
+  awk -v l="$1" -v c="${after[0]}" -v c0="${before[0]}" -v s="${after[1]}" -v s0="${before[1]}" \
+      -v t="${after[2]}" -v t0="${before[2]}" -v w="${after[3]}" -v w0="${before[3]}" \
+      -v lp="${after[4]}" -v lp0="${before[4]}" -v sd="${after[5]}" -v sd0="${before[5]}" \
+      'BEGIN {n = s - s0; if (n < 1) n = 1; k = 1000 / n;
+              printf "%s: %d steps; API process CPU %.2f ms/step; core loop %.2f ms/step = step %.2f (device wait %.2f, host %.2f) + send %.2f + rest %.2f\n",
+                     l, s - s0, k * (c - c0), k * (lp - lp0), k * (t - t0), k * (w - w0),
+                     k * ((t - t0) - (w - w0)), k * (sd - sd0), k * ((lp - lp0) - (t - t0) - (sd - sd0))}' \
       | tee -a "$OUT/api_cpu.txt"
 }
 status=0

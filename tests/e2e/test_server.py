@@ -627,6 +627,14 @@ def test_metrics_count_exactly(server: str, client: Any) -> None:
     assert delta("tachyon:request_success_total{finished_reason=length}") == 2
     assert delta("tachyon:prefix_cache_hits_total") >= 48
     assert 0 < after["tachyon:prefix_cache_hit_rate"] <= 1
+    # The core's time split: its loop holds the steps and the sends, a step holds its wait
+    # on the device (0 here: CPU steps are synchronous).
+    loop, step = delta("tachyon:engine_loop_seconds_total"), delta(
+        "tachyon:engine_step_seconds_total")
+    send, wait = delta("tachyon:engine_send_seconds_total"), delta(
+        "tachyon:engine_wait_seconds_total")
+    assert delta("tachyon:engine_steps_total") >= 2 * 5
+    assert loop >= step + send and step > 0 and send > 0 and 0 <= wait <= step
 
 
 def test_bench_serve(server: str, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ MODES = [
     ("FULL_DECODE_ONLY", "breakable"),
     ("FULL_AND_PIECEWISE", "breakable"),
 ]
-VOCAB = 2048
+VOCAB = 128
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ class StubCore:
         self.running: dict[str, Request] = {}
         self.kv, self.scheduler = _Kv(), _Stats()
         self.stats = {"generation_tokens": 0, "preemptions": 0, "steps": 0}
+        self.wait_seconds = 0.0  # EngineCore's time blocked on device results
 
     def check_request(self, req: Request) -> None:
         if min(req.prompt_token_ids) < 0:

@@ -8,6 +8,7 @@ drives it in its own process for the server.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,9 @@ class EngineCore:
         # Prompt logprobs gathered over a prompt's chunks until its first token hands them on.
         self._prompt_logprobs: dict[str, list[PromptLogprobRow]] = {}
         self.stats = {"generation_tokens": 0, "steps": 0, "preemptions": 0}
+        # Wall time spent blocked on a step's results (the device still running it): the
+        # rest of a step's time is host work (scheduling, staging, launching, bookkeeping).
+        self.wait_seconds = 0.0
         if config.speculative is not None:
             self.scheduler.enable_speculation(config.speculative)
             self.stats.update(spec_stats(self.scheduler.spec_counts))
@@ -120,7 +124,13 @@ class EngineCore:
         prev, self._inflight = self._inflight, None
         if not (sched.is_empty and not sched.finished_request_ids):
             self._inflight = (sched, self.executor.execute_model_async(sched))
-        return self._process(prev[0], prev[1].result()) if prev is not None else []
+        return self._process(prev[0], self._result(prev[1])) if prev is not None else []
+
+    def _result(self, pending: PendingResult) -> ModelRunnerOutput:
+        start = time.perf_counter()
+        result = pending.result()
+        self.wait_seconds += time.perf_counter() - start
+        return result
 
     def _use_async(self) -> bool:
         # Penalties read every earlier token at sampling time, so they need the sync path.
@@ -130,7 +140,7 @@ class EngineCore:
         if self._inflight is None:
             return []
         (sched, pending), self._inflight = self._inflight, None
-        return self._process(sched, pending.result())
+        return self._process(sched, self._result(pending))
 
     def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[TokenEvent]:
         self.stats["steps"] += 1

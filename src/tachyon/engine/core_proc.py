@@ -45,6 +45,7 @@ from tachyon.engine.messages import (
     UnloadLoRA,
 )
 from tachyon.engine.request import Request, RequestStatus
+from tachyon.profiling import maybe_profile
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_
         core.executor.num_blocks, str(core.executor.startup_report), core.list_loras())))
     loop = CoreLoop(core, inp, out, parent_pid)
     try:
-        loop.run()
+        with maybe_profile("core"):
+            loop.run()
     except Exception as e:
         logger.exception("the engine core failed")
         out.send(enc.encode(CoreFailed(f"the engine core failed: {e!r}")))
@@ -102,6 +104,10 @@ class CoreLoop:
         self.enc = msgspec.msgpack.Encoder()
         self.dec = msgspec.msgpack.Decoder(CoreInput)
         self.step_seconds = 0.0  # inside core.step(): what the loop adds is the rest
+        # Iterations that had work, whole, and of them building, encoding and sending the
+        # outputs; a stats message holds its own iteration's loop time but not its send.
+        self.loop_seconds = 0.0
+        self.send_seconds = 0.0
         self._compiler_pool = ThreadPoolExecutor(1, thread_name_prefix="tachyon-grammar")
         self._compiling: dict[str, tuple[Request, Future[object]]] = {}
         self._lora_updates: list[LoRAUpdate] = []
@@ -117,6 +123,7 @@ class CoreLoop:
             wait = COMPILE_POLL_MS if self._compiling else IDLE_POLL_MS
             if not compiled and not core.has_unfinished_requests() and not self.inp.poll(wait):
                 continue
+            begin = time.perf_counter()
             if not self._apply_inputs(rejected):
                 return
             events = []
@@ -124,7 +131,12 @@ class CoreLoop:
                 start = time.perf_counter()
                 events = core.step()
                 self.step_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            self.loop_seconds += start - begin  # before the stats are taken: they add up
             self.out.send(self.enc.encode(self._outputs(events, rejected)), copy=False)
+            sent = time.perf_counter() - start
+            self.send_seconds += sent
+            self.loop_seconds += sent
 
     def _apply_inputs(self, rejected: dict[str, str]) -> bool:
         """Everything queued, without waiting. False: shut down."""
@@ -216,5 +228,6 @@ class CoreLoop:
         return CoreStats(sched.num_running, sched.num_waiting, kv.num_free_blocks,
                          kv.pool.num_blocks, kv.prefix_queries, kv.prefix_hits,
                          core.stats["generation_tokens"], core.stats["preemptions"],
-                         core.stats["steps"], self.step_seconds, spec["draft_tokens"],
+                         core.stats["steps"], self.step_seconds, core.wait_seconds,
+                         self.loop_seconds, self.send_seconds, spec["draft_tokens"],
                          spec["accepted_tokens"], spec["verifies"])

@@ -69,6 +69,12 @@ class CoreStats(msgspec.Struct, array_like=True, gc=False):
     num_preemptions: int = 0
     num_steps: int = 0
     step_seconds: float = 0.0  # wall time inside EngineCore.step(), since start
+    # Of step_seconds: blocked on the device's results (async scheduling); the rest is host.
+    wait_seconds: float = 0.0
+    # Wall time of the loop's iterations that had work (inputs, step, outputs), and of
+    # encoding and sending the outputs: loop - step is what the core adds around a step.
+    loop_seconds: float = 0.0
+    send_seconds: float = 0.0
     # Speculative decoding, since start (0 without it): drafted, accepted, verify passes.
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0

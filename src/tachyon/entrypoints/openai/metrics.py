@@ -55,6 +55,12 @@ class _EngineCollector(Collector):
             ("engine_steps", "Steps the engine core ran.", s.num_steps),
             ("engine_step_seconds", "Wall time the engine core spent inside its steps.",
              s.step_seconds),
+            ("engine_wait_seconds", "Of the step time: blocked on the device's results.",
+             s.wait_seconds),
+            ("engine_loop_seconds", "Wall time of the core loop's iterations that had work.",
+             s.loop_seconds),
+            ("engine_send_seconds", "Core loop time encoding and sending step outputs.",
+             s.send_seconds),
             # Speculative decoding (0 without it); rendered with the _total suffix.
             ("spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_draft_tokens),
             ("spec_decode_num_accepted_tokens", "Draft tokens the target accepted.",

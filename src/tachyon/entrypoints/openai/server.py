@@ -40,6 +40,7 @@ from tachyon.entrypoints.openai.serving_completion import OpenAIServingCompletio
 from tachyon.entrypoints.openai.serving_engine import EventStream
 from tachyon.entrypoints.openai.serving_lora import OpenAIServingLoRA
 from tachyon.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
+from tachyon.profiling import maybe_profile
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     sock = bind_socket(ns.host, ns.port)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with maybe_profile("api"), asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_run(ns, engine_args, sock))
     finally:
         sock.close()
