@@ -35,6 +35,11 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 _SMALL_CAPTURE_SIZES = (1, 2, 4, 8)
 _CAPTURE_STEP = 16
 DEFAULT_MAX_CAPTURE_SIZE = 512
+# Mixed batches (prefill chunks beside decodes) above the decode sizes: PIECEWISE (or FULL
+# mixed) graphs on a coarser ladder, so a step carrying a prompt chunk replays graphs instead
+# of launching every kernel from Python (docs/cuda_graphs.md, "Mixed sizes").
+DEFAULT_MAX_MIXED_CAPTURE_SIZE = 2048
+_MIXED_LADDER = ((1024, 64), (4096, 256))  # (up to, step)
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
                "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 1 << 10,
@@ -109,6 +114,7 @@ class CompilationConfig:
     compile_sizes: tuple[int, ...]
     piecewise_backend: str  # "breakable" | "compile"
     cache_dir: str | None
+    max_mixed_capture_size: int = DEFAULT_MAX_MIXED_CAPTURE_SIZE  # 0: none above decode
 
     def capture_sizes(self, max_num_seqs: int) -> tuple[int, ...]:
         """Sizes to capture, ascending. The largest always covers ``max_num_seqs``."""
@@ -120,6 +126,23 @@ class CompilationConfig:
             sizes = sorted({s for s in ladder if s <= cap})
         if not sizes or sizes[-1] < cap:
             sizes.append(cap)  # no gap at the top: max_num_seqs must always find a graph
+        return tuple(sizes)
+
+    def mixed_capture_sizes(self, max_num_seqs: int, max_num_tokens: int) -> tuple[int, ...]:
+        """Sizes above ``capture_sizes`` for mixed batches only (a decode batch never has
+        more tokens than ``max_num_seqs``), ascending, up to ``max_mixed_capture_size`` and
+        the step's token budget; none when explicit capture sizes were given."""
+        if self.cudagraph_capture_sizes is not None:
+            return ()
+        low = self.capture_sizes(max_num_seqs)[-1]
+        top = min(self.max_mixed_capture_size, max_num_tokens)
+        sizes, size = [], low
+        for limit, step in _MIXED_LADDER:
+            while size + step <= min(limit, top):
+                size = (size // step + 1) * step
+                sizes.append(size)
+        if top > (sizes[-1] if sizes else low):
+            sizes.append(top)  # the budget itself: no mixed batch is left above a graph
         return tuple(sizes)
 
 
@@ -161,7 +184,7 @@ class EngineConfig:
 
 _COMPILATION_KEYS = {
     "cudagraph_mode", "cudagraph_capture_sizes", "max_cudagraph_capture_size",
-    "compile_sizes", "piecewise_backend", "cache_dir",
+    "compile_sizes", "piecewise_backend", "cache_dir", "max_mixed_capture_size",
 }
 # vLLM's torch.compile level (``level``, renamed ``mode``): tachyon has no such knob, and
 # accepting the key while ignoring it would hide that the setting does nothing.
@@ -415,6 +438,8 @@ class EngineArgs:
         compile_sizes = tuple(_int_list("compile_sizes", raw.get("compile_sizes", [])))
         max_size = raw.get("max_cudagraph_capture_size", DEFAULT_MAX_CAPTURE_SIZE)
         _check_int("max_cudagraph_capture_size", max_size, 1)
+        mixed = raw.get("max_mixed_capture_size", DEFAULT_MAX_MIXED_CAPTURE_SIZE)
+        _check_int("max_mixed_capture_size", mixed, 0)
         backend = raw.get("piecewise_backend", "breakable")
         if backend not in ("breakable", "compile"):
             raise ValueError(f"piecewise_backend must be 'breakable' or 'compile', got {backend!r}")
@@ -425,6 +450,7 @@ class EngineArgs:
             compile_sizes=compile_sizes,
             piecewise_backend=backend,
             cache_dir=raw.get("cache_dir"),
+            max_mixed_capture_size=mixed,
         )
 
 

@@ -11,7 +11,7 @@ import pytest
 from graph_testing import PersistentTorchBackend
 from tachyon.attention.torch_backend import TorchAttentionBackend
 from tachyon.config import EngineArgs
-from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
+from tachyon.cudagraph.dispatcher import MIXED, BatchDescriptor, CudagraphDispatcher
 from tachyon.cudagraph.modes import CGSupport, CUDAGraphMode, RuntimeMode, resolve_cudagraph_mode
 from tachyon_testing import TINY_VOCAB
 
@@ -197,3 +197,43 @@ def test_padding_contract(tiny_llama, monkeypatch):
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.kv.num_free_blocks == eng.kv.pool.num_blocks
+
+
+def test_mixed_capture_sizes_ladder():
+    cc = _compilation()
+    sizes = cc.mixed_capture_sizes(256, 8192)
+    assert sizes[0] > 256 and sizes[-1] == 2048 and list(sizes) == sorted(set(sizes))
+    assert all(s % 64 == 0 for s in sizes if s <= 1024)
+    assert all(s % 256 == 0 for s in sizes if s > 1024)
+    assert cc.mixed_capture_sizes(256, 300) == (300,)  # the budget itself tops the ladder
+    assert cc.mixed_capture_sizes(256, 256) == ()
+    assert _compilation(max_mixed_capture_size=0).mixed_capture_sizes(8, 8192) == ()
+    assert _compilation(cudagraph_capture_sizes=[1, 2]).mixed_capture_sizes(8, 8192) == ()
+    with pytest.raises(ValueError, match="max_mixed_capture_size"):
+        _compilation(max_mixed_capture_size=-1)
+
+
+@pytest.mark.parametrize("mode", list(M))
+def test_mixed_sizes_serve_mixed_batches_only(mode):
+    sizes, mixed = (1, 2, 4, 8), (64, 128, 200)
+    d = CudagraphDispatcher(mode, sizes, mixed_sizes=mixed)
+    keys = d.graph_keys()
+    big = [(m, k) for m, k in keys if k.num_tokens > sizes[-1]]
+    for n in range(1, 201):
+        m, desc = d.descriptor(n, MIXED)
+        if mode.mixed_mode is RuntimeMode.NONE:
+            assert m is RuntimeMode.NONE
+            continue
+        want = min(s for s in sizes + mixed if s >= n)
+        assert (m, desc.num_tokens) == (mode.mixed_mode, want)
+        assert (m, desc) in keys  # every size a mixed batch pads to was captured
+    # A decode batch never pads into a mixed-only size, and none is captured for decode.
+    for n in range(1, 9):
+        m, desc = d.descriptor(n, 1)
+        assert desc.num_tokens in sizes or m is RuntimeMode.NONE
+    assert all(k.uniform_query_len == MIXED and m is mode.mixed_mode for m, k in big)
+    assert len(big) == (len(mixed) if mode.mixed_mode is not RuntimeMode.NONE else 0)
+    assert [k.num_tokens for _, k in keys] == sorted((k.num_tokens for _, k in keys),
+                                                     reverse=True)
+    with pytest.raises(ValueError, match="above the capture sizes"):
+        CudagraphDispatcher(mode, sizes, mixed_sizes=(8, 64))

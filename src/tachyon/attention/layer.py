@@ -49,10 +49,14 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = torch.empty_like(q)
         # Only torch.compile needs the op (to split the graph there). Eager calls skip the
         # op's dispatch, whose first call imports torch._dynamo: 0.5-1.2 s of a 2-core
         # CPU's start-up, and a few microseconds per layer on every step.
-        run = attention_op if torch.compiler.is_compiling() else _attention
-        run(q, k, v, out, self.layer_idx)
+        if torch.compiler.is_compiling():
+            out = torch.empty_like(q)
+            attention_op(q, k, v, out, self.layer_idx)
+        else:
+            breaker = get_forward_context().breaker  # a breakable capture may share outputs
+            out = torch.empty_like(q) if breaker is None else breaker.output_like(q)
+            _attention(q, k, v, out, self.layer_idx)
         return out.view(t, self.num_heads * self.head_dim)

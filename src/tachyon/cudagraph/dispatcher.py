@@ -1,7 +1,9 @@
 """The one place that decides how a batch runs: ``(num_tokens, uniform_query_len) -> (mode,
 graph key)``.
 
-Priority FULL > PIECEWISE > NONE. A batch above the largest captured size runs eagerly. A
+Priority FULL > PIECEWISE > NONE. A batch above the largest captured size runs eagerly.
+Mixed batches may also replay graphs of ``mixed_sizes``, above the decode sizes (a decode
+batch never exceeds ``max_num_seqs`` tokens; a step with a prompt chunk often does). A
 *uniform batch* has the same number of query tokens in every request: decode (1 each) and,
 with speculative decoding, verify batches (1 + k each). Decode batches follow the mode's
 decode half; verify batches too, in FULL graphs of their own, where the attention backend
@@ -45,14 +47,22 @@ class BatchDescriptor:
 
 class CudagraphDispatcher:
     def __init__(self, mode: CUDAGraphMode, capture_sizes: tuple[int, ...],
-                 verify_query_len: int = 0, max_num_tokens: int | None = None) -> None:
+                 verify_query_len: int = 0, max_num_tokens: int | None = None,
+                 mixed_sizes: tuple[int, ...] = ()) -> None:
         """``verify_query_len``: 1 + k when speculative verify batches get FULL graphs of
         their own (the backend can capture uniform batches), else 0. Their capture sizes
         are the request counts whose tokens fit ``max_num_tokens``."""
         if not capture_sizes or list(capture_sizes) != sorted(set(capture_sizes)):
             raise ValueError(f"capture sizes must be ascending and distinct: {capture_sizes}")
+        if mixed_sizes and (list(mixed_sizes) != sorted(set(mixed_sizes))
+                            or mixed_sizes[0] <= capture_sizes[-1]):
+            raise ValueError(f"mixed sizes must be ascending, distinct and above the capture "
+                             f"sizes: {mixed_sizes}")
         self.mode = mode
         self.sizes = capture_sizes
+        # Every size a mixed batch can replay (only where the mode's mixed half has graphs).
+        self.mixed_sizes = mixed_sizes if mode.mixed_mode is not RuntimeMode.NONE else ()
+        self._all_mixed = capture_sizes + self.mixed_sizes
         full_verify = verify_query_len > 1 and mode.decode_mode is RuntimeMode.FULL
         self.verify_len = verify_query_len if full_verify else 0
         limit = max_num_tokens if max_num_tokens is not None else capture_sizes[-1]
@@ -75,7 +85,8 @@ class CudagraphDispatcher:
                     return RuntimeMode.FULL, BatchDescriptor(reqs * q, q)
             q = MIXED  # no verify graph for it: served like any mixed batch
         wanted = self.mode.decode_mode if q == 1 else self.mode.mixed_mode
-        padded = self.padded_size(num_tokens)
+        padded = self.padded_size(num_tokens) if q == 1 else _ceil_in(self._all_mixed,
+                                                                       num_tokens)
         if wanted is RuntimeMode.NONE or padded is None:
             return RuntimeMode.NONE, BatchDescriptor(num_tokens, q)
         return wanted, BatchDescriptor(padded, q)
@@ -104,6 +115,8 @@ class CudagraphDispatcher:
                 keys.append((RuntimeMode.FULL, BatchDescriptor(size, MIXED)))
             if RuntimeMode.PIECEWISE in halves:
                 keys.append((RuntimeMode.PIECEWISE, BatchDescriptor(size, MIXED)))
+        for size in self.mixed_sizes:
+            keys.append((self.mode.mixed_mode, BatchDescriptor(size, MIXED)))
         keys.sort(key=lambda key: -key[1].num_tokens)  # stable: verify keys can be larger
         return keys
 

@@ -20,7 +20,12 @@ from torch import nn
 
 from tachyon.attention.base import AttentionBackend, CommonAttentionMetadata
 from tachyon.config import CompilationConfig
-from tachyon.cudagraph.breakable import BreakableCapture, BreakableGraph, _AttentionCall
+from tachyon.cudagraph.breakable import (
+    BreakableCapture,
+    BreakableGraph,
+    SharedAttentionIO,
+    _AttentionCall,
+)
 from tachyon.cudagraph.contract import ENV_DEBUG_GRAPHS, Signature, check_replay, signature
 from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
 from tachyon.cudagraph.graph_impl import CapturedGraph, CudaGraphs, EmulatedGraphs, frozen_gc
@@ -65,7 +70,15 @@ class CUDAGraphRunner:
         # backend can capture uniform batches; else they run as mixed batches.
         verify_len = num_speculative_tokens + 1 if num_speculative_tokens and \
             backend.cudagraph_support >= CGSupport.UNIFORM_BATCH else 0
-        self.dispatcher = CudagraphDispatcher(mode, self.sizes, verify_len, max_num_tokens)
+        # Mixed-only sizes above the decode sizes: breakable PIECEWISE (their attention I/O
+        # shared, see breakable.py) or FULL mixed graphs; not with the compiled backend,
+        # whose pieces would hold static buffers per size.
+        piecewise_compiled = mode.has_piecewise() and cfg.piecewise_backend == "compile"
+        self.mixed_sizes = () if piecewise_compiled else cfg.mixed_capture_sizes(
+            max_num_seqs, max_num_tokens)
+        self.dispatcher = CudagraphDispatcher(mode, self.sizes, verify_len, max_num_tokens,
+                                              self.mixed_sizes)
+        self.shared_io = SharedAttentionIO(self.mixed_sizes[-1]) if self.mixed_sizes else None
         self.emulate = emulate
         self.impl = EmulatedGraphs() if emulate else CudaGraphs()
         self.full: dict[BatchDescriptor, CapturedGraph] = {}
@@ -182,7 +195,8 @@ class CUDAGraphRunner:
         b = self.inputs
         impl: Any = self.impl
         self._live = ctx
-        capture = BreakableCapture(impl.pool, self._attend_live)
+        shared = self.shared_io if n > self.sizes[-1] else None
+        capture = BreakableCapture(impl.pool, self._attend_live, shared)
         torch.cuda.synchronize()
         try:
             with torch.cuda.stream(impl.stream):

@@ -156,10 +156,24 @@ class KVCacheManager:
         """Make room for ``num_new_tokens`` more tokens after ``computed`` (prefix hits, for a
         request not yet holding blocks). All or nothing: returns False and changes nothing if
         the pool cannot provide the blocks."""
-        computed = computed or []
+        bs = self.block_size
+        if not computed:  # the per-step case (a running request): no generators, no touches
+            blocks = self.req_blocks.get(req.request_id)
+            total = req.num_computed_tokens + num_new_tokens
+            needed = -(-total // bs) - (len(blocks) if blocks is not None else 0)
+            if needed > self.pool.num_free:
+                return False
+            if blocks is None:
+                blocks = self.req_blocks[req.request_id] = []
+            if needed > 0:
+                blocks.extend(self.pool.take(needed))
+            if self.enable_prefix_caching and min(total, req.num_tokens) // bs \
+                    > self.req_num_hashed.get(req.request_id, 0):
+                self._register_full_blocks(req, blocks, total)
+            return True
         held = self.req_blocks.get(req.request_id, [])
-        num_computed = req.num_computed_tokens + len(computed) * self.block_size
-        needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(held) - len(computed)
+        num_computed = req.num_computed_tokens + len(computed) * bs
+        needed = -(-(num_computed + num_new_tokens) // bs) - len(held) - len(computed)
         # Prefix hits sitting in the free queue stop being free once touched.
         reclaimed = sum(1 for b in computed if b.ref_cnt == 0)
         if needed + reclaimed > self.pool.num_free:

@@ -105,7 +105,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             remaining = req.num_tokens + req.num_pending - req.num_computed_tokens
-            if remaining <= 0 or self._finishes_with_pending(req):
+            if remaining <= 0 or (req.num_pending and self._finishes_with_pending(req)):
                 i += 1  # nothing to compute until the step in flight reports back
                 continue
             if remaining == 1 and self.proposer is not None:
