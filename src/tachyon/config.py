@@ -148,7 +148,7 @@ class CompilationConfig:
 
 SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 # Methods with a proposer today; the others are accepted by name and refused with a clear error.
-SPEC_METHODS_IMPLEMENTED = ("ngram",)
+SPEC_METHODS_IMPLEMENTED = ("ngram", "draft_model")
 _SPEC_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
               "model"}
 # n-gram lookup: the longest suffix tried first, the shortest accepted (a one-token match
@@ -167,6 +167,8 @@ class SpeculativeConfig:
     prompt_lookup_min: int  # n-gram: shortest suffix match that proposes
     prompt_lookup_max: int  # n-gram: longest suffix tried
     model: str | None  # the drafter's weights (draft_model, eagle, eagle3)
+    # draft_model: the drafter resolved like a target (same dtype and max_model_len).
+    draft: ModelConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ class EngineArgs:
         aliases=("-O",), default_help="{}", metavar="JSON"))
     speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_cli(
         "speculative decoding, a JSON object; keys: method (ngram | draft_model | eagle | "
-        "eagle3; ngram only for now), num_speculative_tokens, prompt_lookup_min, "
+        "eagle3; ngram and draft_model for now), num_speculative_tokens, prompt_lookup_min, "
         "prompt_lookup_max, model (the drafter); e.g. "
         "'{\"method\": \"ngram\", \"num_speculative_tokens\": 3}'. Steps then run "
         "synchronously (no --async-scheduling)", default_help="off", metavar="JSON"))
@@ -339,7 +341,7 @@ class EngineArgs:
             )
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         kv_mem = parse_memory_size(self.kv_cache_memory) if self.kv_cache_memory else None
-        speculative = self._speculative_config(hf_config)
+        speculative = self._speculative_config(hf_config, dtype, max_model_len)
         if speculative is not None and self.async_scheduling:
             raise ValueError("speculative decoding runs its steps synchronously (the next "
                              "step's drafts need this step's tokens); drop --async-scheduling")
@@ -454,7 +456,10 @@ class EngineArgs:
         )
 
 
-    def _speculative_config(self, target_hf_config: Any) -> SpeculativeConfig | None:
+    def _speculative_config(self, target_hf_config: Any, dtype: Any = None,
+                            max_model_len: int | None = None) -> SpeculativeConfig | None:
+        """``dtype`` and ``max_model_len``: the target's, which a draft model takes too
+        (defaults: float32 and the drafter's own maximum, for checks on their own)."""
         raw = _json_object("speculative_config", self.speculative_config,
                            '{"method": "ngram", "num_speculative_tokens": 3}')
         if raw is None:
@@ -474,19 +479,46 @@ class EngineArgs:
         hi = raw.get("prompt_lookup_max", max(lo, DEFAULT_PROMPT_LOOKUP_MAX))
         _check_int("speculative_config prompt_lookup_max", hi, lo)
         model = raw.get("model")
+        draft = None
         if method == "ngram":
             if model is not None:
                 raise ValueError("speculative_config method 'ngram' takes no model (it looks "
                                  "drafts up in the request's own tokens)")
         else:
-            if not model:
+            if not model or not isinstance(model, str):
                 raise ValueError(f"speculative_config method {method!r} needs 'model': the "
-                                 f"drafter's directory or .gguf file")
-            _check_draft_vocab(model, target_hf_config)
+                                 f"drafter's directory, .gguf file or preset")
+            draft = self._draft_model_config(model, target_hf_config, dtype, max_model_len)
         if method not in SPEC_METHODS_IMPLEMENTED:
             raise ValueError(f"speculative decoding method {method!r} is not implemented yet; "
                              f"use one of: {', '.join(SPEC_METHODS_IMPLEMENTED)}")
-        return SpeculativeConfig(method, k, lo, hi, model)
+        return SpeculativeConfig(method, k, lo, hi, model, draft)
+
+    def _draft_model_config(self, model: str, target_hf_config: Any, dtype: Any,
+                            max_model_len: int | None) -> ModelConfig:
+        """The drafter, resolved by the target's loaders (a directory, a .gguf file, or a
+        preset with ``--load-format dummy``); a drafter proposes token ids of its own
+        vocabulary, so they must mean the target's tokens."""
+        import torch
+
+        from tachyon.loader.resolve import resolve_model
+
+        fmt = "dummy" if self.load_format == "dummy" else "auto"
+        resolved = resolve_model(model, fmt, None)
+        ours = getattr(target_hf_config, "vocab_size", None)
+        theirs = getattr(resolved.hf_config, "vocab_size", None)
+        if ours != theirs:
+            raise ValueError(f"the draft model's vocabulary ({theirs} tokens) differs from "
+                             f"the target's ({ours}); speculative decoding needs the target's "
+                             f"tokenizer")
+        max_pos = int(getattr(resolved.hf_config, "max_position_embeddings", 0) or 0) or 4096
+        return ModelConfig(
+            model=model, hf_config=resolved.hf_config,
+            dtype=dtype if dtype is not None else torch.float32,
+            max_model_len=max_model_len if max_model_len is not None else max_pos,
+            load_format=resolved.load_format, weights_path=resolved.weights_path,
+            tokenizer_path=resolved.tokenizer_path, gguf_file=resolved.gguf_file,
+            seed=self.seed, skip_tokenizer_init=True)
 
 
 def _json_object(name: str, value: dict[str, Any] | str | None,
@@ -503,17 +535,6 @@ def _json_object(name: str, value: dict[str, Any] | str | None,
     if not isinstance(value, dict):
         raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, e.g. '{example}'")
     return value
-
-
-def _check_draft_vocab(model: str, target_hf_config: Any) -> None:
-    """A drafter proposes token ids of its own vocabulary: they must mean the same tokens."""
-    from tachyon.loader.resolve import resolve_model
-
-    draft = resolve_model(model, "dummy", None).hf_config  # only its config is read here
-    ours, theirs = getattr(target_hf_config, "vocab_size", None), getattr(draft, "vocab_size", None)
-    if ours != theirs:
-        raise ValueError(f"the draft model's vocabulary ({theirs} tokens) differs from the "
-                         f"target's ({ours}); speculative decoding needs the target's tokenizer")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

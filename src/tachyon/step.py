@@ -84,6 +84,9 @@ class ModelRunnerOutput:
     # fields above then hold the first of them.
     spec_token_ids: list[list[int]] | None = None
     spec_logprobs: list[list[list[tuple[int, float]]]] | None = None
+    # With a draft model: per sampled request, the drafts it proposed for the request's next
+    # step (after the tokens above), which the scheduler sends back to be verified.
+    draft_token_ids: list[list[int]] | None = None
     # Requests with ``params.prompt_logprobs`` whose chunk covered prompt positions this
     # step: request id -> (first prompt position scored, one row per position p from it,
     # scoring prompt token p + 1 from the logits at position p).

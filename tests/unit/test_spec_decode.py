@@ -52,7 +52,7 @@ def test_drafter_vocabulary_and_unimplemented_methods(tiny_models):
         EngineArgs(speculative_config={"method": "draft_model", "num_speculative_tokens": 2,
                                        "model": llama})._speculative_config(
             type("Big", (), {"vocab_size": 32000})())
-    for method in ("draft_model", "eagle", "eagle3"):
+    for method in ("eagle", "eagle3"):
         with pytest.raises(ValueError, match=f"'{method}' is not implemented yet"):
             EngineArgs(speculative_config={"method": method, "num_speculative_tokens": 2,
                                            "model": llama})._speculative_config(_Vocab())

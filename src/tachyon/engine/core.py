@@ -171,7 +171,9 @@ class EngineCore:
         logprobs = dict(zip(result.request_ids, result.spec_logprobs, strict=True)) \
             if result.spec_logprobs is not None else {}
         events = []
-        for req, tokens in self.scheduler.update_spec(sched, emitted):
+        drafts = dict(zip(result.request_ids, result.draft_token_ids, strict=True)) \
+            if result.draft_token_ids is not None else None
+        for req, tokens in self.scheduler.update_spec(sched, emitted, drafts):
             rid = req.request_id
             if req.status.finished:
                 self._penalty_requests.discard(rid)

@@ -20,8 +20,9 @@ from collections import deque
 from collections.abc import Iterable
 
 from tachyon.config import SchedulerConfig, SpeculativeConfig
-from tachyon.engine.kv_cache_manager import KVCacheManager
+from tachyon.engine.kv_cache_manager import KVBlock, KVCacheManager
 from tachyon.engine.request import Request, RequestStatus
+from tachyon.spec_decode.drafts import DraftStore
 from tachyon.spec_decode.ngram import NgramProposer
 from tachyon.step import ScheduledRequest, SchedulerOutput
 
@@ -42,15 +43,22 @@ class Scheduler:
         self._known_to_runner: set[str] = set()
         self._block_counts: dict[str, int] = {}  # blocks already sent to the runner
         self.num_preemptions = 0  # since start, for stats
-        self.proposer: NgramProposer | None = None  # set by enable_speculation
+        self.proposer: NgramProposer | DraftStore | None = None  # set by enable_speculation
+        # Slots allocated past a sampling request's tokens (where the pool has them), for the
+        # K/V a draft model writes while it drafts after the step (0: none needed).
+        self.lookahead = 0
         # Since start, for stats: drafts scheduled, drafts accepted, verify passes (a request
         # with drafts in a step).
         self.spec_counts = {"draft_tokens": 0, "accepted_tokens": 0, "verifies": 0}
 
     def enable_speculation(self, spec: SpeculativeConfig) -> None:
         """Draft for decoding requests from now on (before the first request arrives)."""
-        self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
-                                      spec.prompt_lookup_max)
+        if spec.method == "draft_model":  # the worker's drafter proposes; we keep them
+            self.proposer = DraftStore(spec.num_speculative_tokens)
+            self.lookahead = spec.num_speculative_tokens
+        else:
+            self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                          spec.prompt_lookup_max)
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -111,13 +119,13 @@ class Scheduler:
             if remaining == 1 and self.proposer is not None:
                 drafts = self._drafts(req, budget)
                 # No room for the drafts' slots: decode plainly (preempting only for that).
-                if drafts and self.kv.allocate_slots(req, 1 + len(drafts)):
+                if drafts and self._allocate(req, 1 + len(drafts), True):
                     out.append(self._scheduled(req, 1, drafts))
                     budget -= 1 + len(drafts)
                     i += 1
                     continue
             n = min(remaining, budget)
-            while not self.kv.allocate_slots(req, n):
+            while not self._allocate(req, n, n == remaining):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted_any = True
@@ -148,7 +156,8 @@ class Scheduler:
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
-            if not self.kv.allocate_slots(req, n, hits):
+            if not self._allocate(req, n, n == req.num_tokens - req.num_computed_tokens
+                                  - num_cached, hits):
                 break
             self.waiting.popleft()
             self.kv.record_prefix_lookup(req.num_tokens, num_cached)
@@ -165,6 +174,20 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         total = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(out, total, finished)
+
+    def _allocate(self, req: Request, n: int, sample: bool,
+                  hits: list[KVBlock] | None = None) -> bool:
+        """Slots for ``n`` more tokens; for a step that samples, also ``lookahead`` slots
+        after them (within ``max_model_len``) where the pool has them: a draft model writes
+        its drafts' K/V there after the step. Never fails for the lookahead alone (the
+        drafter then drafts only as far as the request's slots go)."""
+        if self.lookahead and sample:
+            cached = len(hits) * self.kv.block_size if hits else 0
+            extra = min(self.lookahead,
+                        self.max_model_len - req.num_computed_tokens - cached - n)
+            if extra > 0 and self.kv.allocate_slots(req, n + extra, hits):
+                return True
+        return self.kv.allocate_slots(req, n, hits)
 
     def _drafts(self, req: Request, budget: int) -> list[int]:
         """Drafts for a decoding request, as many as the budget, ``max_model_len`` and
@@ -260,12 +283,14 @@ class Scheduler:
                 self.finish_requests([req.request_id], status)
         return progressed
 
-    def update_spec(self, out: SchedulerOutput,
-                    emitted: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
+    def update_spec(self, out: SchedulerOutput, emitted: dict[str, list[int]],
+                    drafts: dict[str, list[int]] | None = None,
+                    ) -> list[tuple[Request, list[int]]]:
         """``update`` for a speculative engine: each sampled request emits its accepted
         drafts and one more token. Rejected drafts' positions are un-computed; tokens after
         a stop (EOS, stop token, max_tokens, max_model_len) are dropped. Returns each request
-        that progressed with the tokens it kept."""
+        that progressed with the tokens it kept. ``drafts``: a draft model's proposals for
+        each request's next step, kept for requests still running."""
         progressed = []
         counts = self.spec_counts
         for s in out.requests:
@@ -290,6 +315,9 @@ class Scheduler:
                 if status is not None:
                     self.finish_requests([req.request_id], status)
                     break
+            if drafts is not None and not req.status.finished:
+                assert isinstance(self.proposer, DraftStore)
+                self.proposer.store(req.request_id, req.num_tokens, drafts[s.request_id])
             progressed.append((req, kept))
         return progressed
 

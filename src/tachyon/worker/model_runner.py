@@ -34,7 +34,8 @@ from tachyon.loader.loader import load_model
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, update_model_weights
 from tachyon.lora.manager import LoRAManager
 from tachyon.lora.request import LoRARequest
-from tachyon.spec_decode.rejection import rejection_sample
+from tachyon.spec_decode.draft_model import DraftModel
+from tachyon.spec_decode.rejection import num_accepted, rejection_sample
 from tachyon.step import ModelRunnerOutput, SchedulerOutput
 from tachyon.structured_output.manager import StructuredOutputManager
 from tachyon.worker.graph_mode import emulate_graphs, resolve_graph_mode
@@ -105,6 +106,12 @@ class ModelRunner:
         )
         self.backend = get_backend_class(config.attention_backend, device,
                                          mc.dtype)(self.attn_spec)
+        spec = self.speculative
+        # The draft model (method draft_model): its own weights and K/V caches, the
+        # target's block tables (spec_decode/draft_model.py).
+        self.drafter = DraftModel(spec.draft, spec.num_speculative_tokens, self.attn_spec,
+                                  type(self.backend), device) \
+            if spec is not None and spec.draft is not None else None
 
         self.buffers = InputBuffers(self.max_num_tokens, self.max_num_seqs,
                                     self.attn_spec.max_blocks_per_seq, device)
@@ -142,7 +149,10 @@ class ModelRunner:
     # -- memory --------------------------------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
-        return kv_bytes_per_block(self.attn_spec, self.num_layers)
+        """A block's bytes in every cache: the target's and, with a draft model, its own
+        (both hold the block's tokens, so the budget is shared between them)."""
+        drafter = self.drafter.kv_bytes_per_block if self.drafter is not None else 0
+        return kv_bytes_per_block(self.attn_spec, self.num_layers) + drafter
 
     def determine_num_blocks(self) -> int:
         max_useful = self.max_num_seqs * self.attn_spec.max_blocks_per_seq
@@ -167,7 +177,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         used = max(0, before - torch.cuda.mem_get_info()[0])
         self._compiled_model = trial.release()
-        self.kv_caches = []
+        self._drop_kv_caches()
         gc.collect()
         torch.cuda.empty_cache()
         logger.info("CUDA graphs need %.0f MiB (measured by a trial capture)", used / 2**20)
@@ -181,13 +191,22 @@ class ModelRunner:
             hidden = self.model(ids, ids)
         self.model.compute_logits(hidden[: self.max_num_seqs])
         del hidden
+        if self.drafter is not None:
+            self.drafter.profile_run(ids)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.attn_spec, self.num_layers, num_blocks)
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num_blocks)
         self.num_blocks = num_blocks
+
+    def _drop_kv_caches(self) -> None:
+        self.kv_caches = []
+        if self.drafter is not None:
+            self.drafter.kv_caches = []
 
     # -- one step ------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -217,6 +236,10 @@ class ModelRunner:
         sampling = self._sampling_metadata(plan) if plan.sample_rows else None
         self.staging_fence.record()  # after the step's last copy out of pinned staging
         hidden = self._run_model(plan, metadata)
+        if self.drafter is not None:  # its K/V follows the target's, step by step
+            n = plan.padded_tokens
+            self.drafter.run_batch(common, self.buffers.input_ids[:n],
+                                   self.buffers.positions[:n])
         prompt = score_prompt(self.model, plan, hidden, self.max_num_logits, self.device) \
             if plan.prompt_spans else None
         if sampling is None:
@@ -344,8 +367,31 @@ class ModelRunner:
         host = self._host_ids[self._host_ids_flip][:2 * r]
         host[:r].copy_(res.token_ids, non_blocking=True)
         host[r:].copy_(res.accepted, non_blocking=True)
+        drafts = self._propose_drafts(plan, res.token_ids, res.accepted) \
+            if self.drafter is not None else None
         return PendingOutput(self, plan.sample_ids, host, record_event(self.device), res,
-                             plan.spec_starts, prompt)
+                             plan.spec_starts, prompt, drafts)
+
+    def _propose_drafts(self, plan: StepPlan, token_ids: torch.Tensor,
+                        accepted: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The draft model's next drafts for every sampled request, from the token each
+        emits last (after its accepted drafts) at the position after them."""
+        b, bs = self.buffers, self.block_size
+        starts = np.asarray(plan.spec_starts)
+        # The drafter's positions need this step's acceptance on the host: one wait (the
+        # step is synchronous anyway; the rows' copy back is already queued).
+        counts = num_accepted(accepted.cpu().numpy(), starts)
+        drafts_verified = np.diff(np.append(starts, plan.num_logits)) - 1
+        rows = np.asarray(plan.sample_rows)
+        # A request's query ends at seq_len: its real tokens, then its drafts.
+        last_pos = b.np_seq_lens[rows].astype(np.int64) - drafts_verified + counts
+        caps = np.minimum([len(self.states[rid].block_ids) * bs for rid in plan.sample_ids],
+                          self.attn_spec.max_model_len)
+        rows_dev = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        last_ids = token_ids[torch.from_numpy(starts + counts).to(self.device)]
+        host, valid = self.drafter.propose(last_ids, last_pos, caps, b.np_block_table[rows],
+                                           b.block_table[rows_dev], bs)
+        return host, valid.tolist()
 
     def finish(self, pending: PendingOutput) -> ModelRunnerOutput:
         """Wait for a queued step's copies back and read its results (``result()`` asks)."""
@@ -433,8 +479,8 @@ class ModelRunner:
         if self.graph_runner is not None:
             self._compiled_model = self.graph_runner.release()  # kept for the re-capture
             self.graph_runner = None
-        kv_bytes = kv_cache_bytes(self.kv_caches)
-        self.kv_caches = []
+        kv_bytes = kv_cache_bytes(self.kv_caches) + self._drafter_kv_bytes()
+        self._drop_kv_caches()
         weight_bytes = release_weights(self.model) if level == 2 else 0
         return_memory(self.device)
         free_after = device_free_bytes(self.device)
@@ -451,9 +497,14 @@ class ModelRunner:
         self.init_graphs()
         capture_s = time.perf_counter() - capture_start
         free_after = device_free_bytes(self.device)
-        return MemoryReport(kv_cache_bytes(self.kv_caches), weight_bytes,
+        return MemoryReport(kv_cache_bytes(self.kv_caches) + self._drafter_kv_bytes(),
+                            weight_bytes,
                             _delta(free_before, free_after), time.perf_counter() - start,
                             capture_s)
+
+
+    def _drafter_kv_bytes(self) -> int:
+        return kv_cache_bytes(self.drafter.kv_caches) if self.drafter is not None else 0
 
 
 def _delta(larger: int | None, smaller: int | None) -> int | None:

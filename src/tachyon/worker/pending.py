@@ -25,11 +25,15 @@ class PendingOutput:
                  host_ids: torch.Tensor | None, event: torch.cuda.Event | None,
                  sampler_output: SamplerOutput | RejectionOutput | None,
                  spec_starts: list[int] | None = None,
-                 prompt: PendingPromptLogprobs | None = None) -> None:
+                 prompt: PendingPromptLogprobs | None = None,
+                 drafts: tuple[torch.Tensor, list[int]] | None = None) -> None:
         self.runner, self.request_ids = runner, request_ids
         self.host_ids, self.event, self.sampler_output = host_ids, event, sampler_output
         self.spec_starts = spec_starts  # a verify step: each request's first logits row
         self.prompt = prompt
+        # A draft model's next drafts: [B, k] on the host once the event is done, and how
+        # many of each row are valid.
+        self.drafts = drafts
         self._result: ModelRunnerOutput | None = None
 
     @classmethod

@@ -48,6 +48,10 @@ def finish_spec(pending: PendingOutput, states: dict[str, RequestState]) -> Mode
             logprobs.append([[] if want is None else
                              list(zip(lp_ids[j][:want + 1], lp_vals[j][:want + 1],
                                       strict=True)) for j in range(a, e)])
+    drafts = None
+    if pending.drafts is not None:
+        host, valid = pending.drafts
+        drafts = [row[:n] for row, n in zip(host.tolist(), valid, strict=True)]
     return ModelRunnerOutput(pending.request_ids, [t[0] for t in tokens],
                              [lp[0] for lp in logprobs] if logprobs is not None else None,
-                             tokens, logprobs)
+                             tokens, logprobs, draft_token_ids=drafts)
