@@ -11,7 +11,9 @@ With speculative decoding a decoding request also carries drafts (spec_decode/):
 ``1 + d`` tokens, and ``update_spec`` appends the accepted ones (several per step) and rolls
 ``num_computed_tokens`` back over the rejected ones. Their KV slots stay in the request's
 blocks and are overwritten when the real tokens get there; blocks are only ever registered
-in the prefix cache once full of known tokens, so a rejected draft never reaches it.
+in the prefix cache once full of known tokens, so a rejected draft never reaches it. A draft
+model's drafts come back with a step's output (``DraftStore``), and a step that samples
+allocates lookahead slots for the K/V the drafter writes after it.
 """
 
 from __future__ import annotations

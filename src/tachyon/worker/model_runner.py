@@ -7,8 +7,9 @@ size), compute logits for the requests that sample, sample, one copy back.
 The runner owns the step and composes the parts, each in its own module: request state
 (``request_state``), the padded batch (``input_batch``), sampling inputs
 (``sampling_inputs``), prompt logprobs (``prompt_logprobs``), speculative verify
-(``spec_verify``), results on their way back (``pending``), KV sizing (``kv_sizing``), the
-graph mode (``graph_mode``) and LoRA slots (``lora_hooks``).
+(``spec_verify``), a draft model (``spec_decode.draft_model``), results on their way back
+(``pending``), KV sizing (``kv_sizing``), the graph mode (``graph_mode``) and LoRA slots
+(``lora_hooks``).
 """
 
 from __future__ import annotations
@@ -447,6 +448,8 @@ class ModelRunner:
                 if self.graph_runner is not None else []
             self.graph_stats["speculative"] = f"{spec.method}:k={spec.num_speculative_tokens}"
             self.graph_stats["verify_graphs"] = len(verify)
+            if self.drafter is not None:  # its forwards run eagerly (docs/spec_decode.md)
+                self.graph_stats["drafter"] = f"eager:{type(self.drafter.model).__name__}"
         return " ".join(f"{k}={v}" for k, v in self.graph_stats.items())
 
     # -- RL: new weights, and the device lent to a trainer (loader/update.py, sleep.py) ----
