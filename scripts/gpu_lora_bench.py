@@ -20,6 +20,7 @@ PEFT directories (random A and B) under a temporary directory. Writes $OUT/lora_
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -117,6 +118,9 @@ def bench_model(model: str, args: argparse.Namespace, root: Path) -> list[dict[s
                      "step_ms": decode_ms(llm, b, [], args.steps)})
     cfg = llm.engine.config.model.hf_config
     llm.shutdown()
+    del llm  # the base engine's KV cache must be gone before the LoRA engine sizes its own
+    gc.collect()
+    torch.cuda.empty_cache()
     adapters = [LoRARequest(f"bench{i}", i + 1,
                             str(write_adapter(root / f"{model}-{i}", cfg, seed=i)))
                 for i in range(NUM_ADAPTERS)]
