@@ -91,9 +91,9 @@ class EngineCore:
     def add_request(self, req: Request) -> None:
         self.scheduler.add_request(req)
         p = req.params
-        # Both read the tokens sampled so far when sampling: they need the synchronous path.
-        if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
-                or p.structured_outputs is not None):
+        # Penalties read every token sampled so far when sampling: the synchronous path.
+        # (Grammars need only the last step's tokens, which the runner waits for itself.)
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
             self._penalty_requests.add(req.request_id)
         if p.prompt_logprobs is not None:
             self._prompt_logprobs[req.request_id] = []

@@ -6,9 +6,16 @@ The bitmask is filled on the host while the device runs the forward (the runner 
 every CUDA graph mode: the sampler runs outside the graphs. Rows of unconstrained requests
 allow every token, so requests with and without constraints share a batch.
 
-A matcher must see each sampled token before the next bitmask: the engine core runs steps
-of constrained requests synchronously (no asynchronous scheduling), and refuses them with
-speculative decoding (a verify step would need a mask per draft position).
+A matcher must see each sampled token before the next bitmask. Under asynchronous
+scheduling step N+1 is queued before the host has step N's tokens, so the runner, once it has
+queued step N+1's forward and before filling its bitmask, waits for step N's tokens and
+advances the matchers with them (``ModelRunner._sample``): the device keeps running N+1's
+forward while the host waits and fills. Speculative decoding refuses constrained requests (a
+verify step would need a mask per draft position).
+
+The bitmask is filled into one of two persistent (pinned, on CUDA) host buffers, alternately:
+the copy of step N's mask has finished by the time step N+2 fills the same buffer, because
+the engine reads step N's results before it queues step N+2.
 """
 
 from __future__ import annotations
@@ -28,12 +35,19 @@ ALL_ALLOWED = -1
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer_path: str | None, vocab_size: int,
-                 device: torch.device) -> None:
+    def __init__(self, tokenizer_path: str | None, vocab_size: int, device: torch.device,
+                 max_rows: int) -> None:
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size
         self.device = device
+        self.max_rows = max_rows
         self._matchers: dict[str, Any] = {}
+        self._host_masks: list[torch.Tensor] = []  # two, allocated with the first mask
+        self._flip = 0
+
+    def constrains(self, params: list[SamplingParams]) -> bool:
+        """Whether any of a step's requests has a grammar."""
+        return any(p.structured_outputs is not None for p in params)
 
     def _compiler(self) -> GrammarCompiler:
         if self.tokenizer_path is None:
@@ -51,13 +65,22 @@ class StructuredOutputManager:
             return None
         import xgrammar as xgr
 
-        mask = xgr.allocate_token_bitmask(len(request_ids), self.vocab_size)  # all -1
+        if not self._host_masks:
+            words = -(-self.vocab_size // 32)
+            pin = self.device.type == "cuda"
+            self._host_masks = [torch.empty(self.max_rows, words, dtype=torch.int32,
+                                            pin_memory=pin) for _ in range(2)]
+        self._flip ^= 1
+        buf = self._host_masks[self._flip]
+        mask = buf[:len(request_ids)]
+        mask.fill_(ALL_ALLOWED)
         for i, rid, spec in rows:
             matcher = self._matchers.get(rid)
             if matcher is None:
                 matcher = xgr.GrammarMatcher(self._compiler().compile(spec))
                 self._matchers[rid] = matcher
-            matcher.fill_next_token_bitmask(mask, i)
+            if not matcher.is_terminated():  # ended with the step in flight: row unused
+                matcher.fill_next_token_bitmask(buf, i)
         return mask.to(self.device, non_blocking=True)
 
     def accept(self, request_ids: list[str], token_ids: list[int]) -> None:
