@@ -137,7 +137,11 @@ class ModelRunner:
         self.num_blocks = 0  # set by allocate_kv_cache
         self.states: dict[str, RequestState] = {}
         self.vocab_size = int(mc.hf_config.vocab_size)
-        self.structured = StructuredOutputManager(mc.tokenizer_path, self.vocab_size, device)
+        self.structured = StructuredOutputManager(mc.tokenizer_path, self.vocab_size, device,
+                                                  self.max_num_seqs)
+        # The last sampled step: under asynchronous scheduling a step with grammars reads its
+        # tokens before filling its own bitmask (see structured_output/manager.py).
+        self._last_sampled: PendingOutput | None = None
         # Set by init_graphs after the KV cache; dropped by sleep.
         self.graph_runner: CUDAGraphRunner | None = None
         self.graph_stats: dict[str, Any] = {}  # the start-up report's fields (init_graphs)
@@ -343,9 +347,12 @@ class ModelRunner:
         k = len(plan.sample_rows)
         logits = self.model.compute_logits(hidden[self.buffers.logits_indices[:k]]).float()
         mask_min_tokens(logits, self.states, plan.sample_ids, range(k), self.device)
-        # Filled on the host while the device still runs the forward queued above.
-        meta.grammar_bitmask = self.structured.bitmask(
-            plan.sample_ids, [self.states[rid].params for rid in plan.sample_ids])
+        # Filled on the host while the device still runs the forward queued above, once the
+        # matchers have seen the previous step's tokens.
+        params = [self.states[rid].params for rid in plan.sample_ids]
+        if self._last_sampled is not None and self.structured.constrains(params):
+            self._last_sampled.result()
+        meta.grammar_bitmask = self.structured.bitmask(plan.sample_ids, params)
         res = self.sampler(logits, meta)
         self._prev_sampled = res.sampled_token_ids
         self._prev_rows = {rid: i for i, rid in enumerate(plan.sample_ids)}
@@ -353,8 +360,9 @@ class ModelRunner:
         self._host_ids_flip ^= 1  # two buffers: the next step's copy must not clobber this one
         host = self._host_ids[self._host_ids_flip][:k]
         host.copy_(res.sampled_token_ids, non_blocking=True)
-        return PendingOutput(self, plan.sample_ids, host, record_event(self.device), res,
-                             prompt=prompt)
+        self._last_sampled = PendingOutput(self, plan.sample_ids, host,
+                                           record_event(self.device), res, prompt=prompt)
+        return self._last_sampled
 
     def _sample_spec(self, plan: StepPlan, hidden: torch.Tensor, meta: SamplingMetadata,
                      prompt: PendingPromptLogprobs | None) -> PendingOutput:
