@@ -7,6 +7,8 @@
 # $OUT/serve_<engine>_<load>.json (vLLM's fields) and, for tachyon, the per-step breakdown
 # (API process CPU; core step = device wait + host; outputs sent) in $OUT/breakdown.txt.
 # PROFILE=1 adds a fourth tachyon run at 64 req/s with both processes under cProfile.
+# Results carry per-request TTFTs (--save-detailed); LOADS="rate64:64:256 rate64b:64:256 ..."
+# runs a load twice on the same server (is a TTFT tail a first-run cost?).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}; mkdir -p "$OUT"
@@ -29,7 +31,7 @@ client() {  # $1 = result name, $2 = port, $3 = rate, $4 = prompts
     timeout 200 python3 -m vllm.entrypoints.cli.main bench serve --backend openai \
       --base-url "http://127.0.0.1:$2" --endpoint /v1/completions --model "$M" --tokenizer "$M" \
       --dataset-name random --random-input-len 512 --random-output-len 256 --num-prompts "$4" \
-      --request-rate "$3" --ignore-eos --seed 0 --save-result --result-dir "$OUT" \
+      --request-rate "$3" --ignore-eos --seed 0 --save-result --save-detailed --result-dir "$OUT" \
       --result-filename "serve_$1.json" 2>&1 | tr '\r' '\n' \
       | grep -E "Successful|Benchmark duration|Output token throughput|Mean TTFT|P99 TTFT|Mean TPOT|P99 TPOT|Mean ITL|Failed" )
 }
