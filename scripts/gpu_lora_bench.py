@@ -13,8 +13,10 @@ FULL_AND_PIECEWISE, so decode steps replay full graphs):
   projection, requests spread round-robin over them.
 
 The issue's target: ``lora4`` at most 15% over ``base`` at B=64. Adapters are written as
-PEFT directories (random A and B) under a temporary directory. Writes $OUT/lora_bench.json
-(default ./out) and prints a table.
+PEFT directories (random A and B) under a temporary directory. ``lora0`` should match
+``base``: batches without adapters replay graphs without the LoRA kernels. Also reported per
+engine: its graph count, capture seconds and pool MiB (the LoRA engine captures every graph
+twice). Writes $OUT/lora_bench.json (default ./out) and prints a table.
 """
 
 from __future__ import annotations
@@ -108,11 +110,20 @@ def decode_ms(llm: LLM, batch: int, loras: list[LoRARequest], steps: int) -> flo
     return start.elapsed_time(end) / steps
 
 
-def bench_model(model: str, args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+def graph_cost(llm: LLM) -> dict[str, Any]:
+    """What the engine's graphs cost at start-up: with LoRA each is captured twice (with and
+    without the LoRA kernels, docs/lora.md)."""
+    stats = llm.engine.executor.graph_stats
+    return {k: stats[k] for k in ("graphs", "capture_s", "pool_mib")}
+
+
+def bench_model(model: str, args: argparse.Namespace,
+                root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     kw = dict(load_format="dummy", max_model_len=args.max_model_len, max_num_seqs=max(BATCHES),
               gpu_memory_utilization=0.5)
     rows = []
     llm = LLM(model, **kw)
+    graphs = {"base": graph_cost(llm)}
     for b in BATCHES:
         rows.append({"model": model, "batch": b, "case": "base",
                      "step_ms": decode_ms(llm, b, [], args.steps)})
@@ -125,6 +136,7 @@ def bench_model(model: str, args: argparse.Namespace, root: Path) -> list[dict[s
                             str(write_adapter(root / f"{model}-{i}", cfg, seed=i)))
                 for i in range(NUM_ADAPTERS)]
     llm = LLM(model, enable_lora=True, max_lora_rank=RANK, max_loras=NUM_ADAPTERS, **kw)
+    graphs["lora"] = graph_cost(llm)
     for b in BATCHES:
         for case, loras in (("lora0", []), ("lora1", adapters[:1]), ("lora4", adapters)):
             rows.append({"model": model, "batch": b, "case": case,
@@ -133,7 +145,7 @@ def bench_model(model: str, args: argparse.Namespace, root: Path) -> list[dict[s
     base = {r["batch"]: r["step_ms"] for r in rows if r["case"] == "base"}
     for r in rows:
         r["overhead"] = r["step_ms"] / base[r["batch"]] - 1.0
-    return rows
+    return rows, graphs
 
 
 def main() -> None:
@@ -141,16 +153,22 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "./out"))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    graphs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            rows += bench_model(model, args, Path(tmp))
+            model_rows, graphs[model] = bench_model(model, args, Path(tmp))
+            rows += model_rows
     (out / "lora_bench.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "rank": RANK, "steps": args.steps,
-         "rows": rows}, indent=2))
+         "rows": rows, "graphs": graphs}, indent=2))
     print(f"{'model':12s} {'B':>4s} {'case':6s} {'step ms':>8s} {'vs base':>8s}")
     for r in rows:
         print(f"{r['model']:12s} {r['batch']:4d} {r['case']:6s} {r['step_ms']:8.3f} "
               f"{100 * r['overhead']:+7.1f}%")
+    for model, cost in graphs.items():
+        print(f"{model}: graphs " + ", ".join(f"{case} {c['graphs']} in {c['capture_s']} s, "
+                                              f"{c['pool_mib']} MiB"
+                                              for case, c in cost.items()))
 
 
 if __name__ == "__main__":

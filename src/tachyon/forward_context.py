@@ -25,6 +25,10 @@ class ForwardContext:
     # Set only while a breakable (PIECEWISE) graph is being captured: attention calls it to
     # end the current graph segment (see tachyon.cudagraph.breakable).
     breaker: Any = None
+    # Whether some token of the batch has an adapter slot: LoRA layers skip their shrink and
+    # expand kernels (and take the base model's fused paths) when False. A plain Python
+    # branch, so a graph captured with False holds none of them (``BatchDescriptor.has_lora``).
+    has_lora: bool = False
 
 
 _CONTEXT: ForwardContext | None = None

@@ -237,3 +237,57 @@ def test_mixed_sizes_serve_mixed_batches_only(mode):
                                                      reverse=True)
     with pytest.raises(ValueError, match="above the capture sizes"):
         CudagraphDispatcher(mode, sizes, mixed_sizes=(8, 64))
+
+
+# Every key of FULL_AND_PIECEWISE at sizes (1, 2, 4), mixed size 8, verify k = 1 (q = 2)
+# without LoRA, written out by hand: largest first; per size verify, decode, PIECEWISE; the
+# mixed-only size after the verify key of the same token count.
+_KEYS_NO_LORA = [
+    (RuntimeMode.FULL, BatchDescriptor(8, 2)),
+    (RuntimeMode.PIECEWISE, BatchDescriptor(8, MIXED)),
+    (RuntimeMode.FULL, BatchDescriptor(4, 1)),
+    (RuntimeMode.PIECEWISE, BatchDescriptor(4, MIXED)),
+    (RuntimeMode.FULL, BatchDescriptor(4, 2)),
+    (RuntimeMode.FULL, BatchDescriptor(2, 1)),
+    (RuntimeMode.PIECEWISE, BatchDescriptor(2, MIXED)),
+    (RuntimeMode.FULL, BatchDescriptor(2, 2)),
+    (RuntimeMode.FULL, BatchDescriptor(1, 1)),
+    (RuntimeMode.PIECEWISE, BatchDescriptor(1, MIXED)),
+]
+
+
+def _dispatcher(lora_variants: tuple[bool, ...] = (False,)) -> CudagraphDispatcher:
+    return CudagraphDispatcher(M.FULL_AND_PIECEWISE, (1, 2, 4), verify_query_len=2,
+                               max_num_tokens=8, mixed_sizes=(8,), lora_variants=lora_variants)
+
+
+def test_lora_variants_double_every_key_and_pick_by_has_lora():
+    """Without LoRA the keys are exactly those of before (all has_lora False, a batch with
+    has_lora set cannot reach a LoRA graph); with LoRA each key exists in both variants and
+    the batch's flag picks one; eager batches keep their flag."""
+    plain = _dispatcher()
+    assert plain.graph_keys() == _KEYS_NO_LORA
+    assert plain.descriptor(3, 1, has_lora=True) == (RuntimeMode.FULL, BatchDescriptor(4, 1))
+    both = _dispatcher((False, True))
+    keys = both.graph_keys()
+    assert len(keys) == 2 * len(_KEYS_NO_LORA)
+    assert {(m, BatchDescriptor(k.num_tokens, k.uniform_query_len)) for m, k in keys
+            if k.has_lora} == set(_KEYS_NO_LORA)
+    assert [(m, k) for m, k in keys if not k.has_lora] == _KEYS_NO_LORA
+    assert [k.num_tokens for _, k in keys] == sorted((k.num_tokens for _, k in keys),
+                                                     reverse=True)
+    for q, n, want in ((1, 3, (RuntimeMode.FULL, 4, 1)), (MIXED, 5, (RuntimeMode.PIECEWISE, 8, 0)),
+                       (2, 6, (RuntimeMode.FULL, 8, 2)), (MIXED, 3, (RuntimeMode.PIECEWISE, 4, 0))):
+        for has_lora in (False, True):
+            mode, desc = both.descriptor(n, q, has_lora)
+            assert (mode, desc.num_tokens, desc.uniform_query_len) == want
+            assert desc.has_lora is has_lora and (mode, desc) in keys
+    assert both.descriptor(9, MIXED, True) == (RuntimeMode.NONE, BatchDescriptor(9, MIXED, True))
+    # The compiled backend's graphs always hold LoRA: one variant, served to every batch.
+    only = _dispatcher((True,))
+    assert all(k.has_lora for _, k in only.graph_keys())
+    assert len(only.graph_keys()) == len(_KEYS_NO_LORA)
+    assert only.descriptor(3, 1, False) == (RuntimeMode.FULL, BatchDescriptor(4, 1, True))
+    assert only.descriptor(9, MIXED, False)[1] == BatchDescriptor(9, MIXED, False)  # eager
+    with pytest.raises(ValueError, match="lora variants"):
+        _dispatcher((True, False))

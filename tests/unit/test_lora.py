@@ -239,3 +239,72 @@ def test_prefix_cache_is_per_adapter(lora_llm: LLM, adapters: dict[str, list[LoR
 
 
 torch.set_num_threads(1)  # the conftest's choice, kept if this module runs alone
+
+
+def _count_lora_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count every LoRA layer call that runs shrink/expand (emulated replay re-runs the
+    captured forward, so this counts the kernels a graph holds too)."""
+    from tachyon.lora.slots import LoRASlots
+
+    calls = [0]
+    add_delta = LoRASlots.add_delta
+
+    def counting(self: LoRASlots, x: torch.Tensor, y: torch.Tensor) -> None:
+        calls[0] += 1
+        add_delta(self, x, y)
+
+    monkeypatch.setattr(LoRASlots, "add_delta", counting)
+    return calls
+
+
+def _logprobs(outs: list[Any]) -> list[Any]:
+    return [(o.token_ids, o.logprobs) for o in outs]
+
+
+@pytest.mark.parametrize("mode", ["NONE", "FULL"])
+def test_batches_without_adapters_run_the_base_model(mode: str, tiny_models: dict[str, Path],
+                                                     adapters: dict[str, list[LoRARequest]],
+                                                     rng: random.Random,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With LoRA on, a batch in which no request has an adapter runs no LoRA kernel (eager,
+    or replaying has_lora=False FULL graphs, emulated) and gives exactly the logprobs of an
+    engine without LoRA, before and after adapters ran; batches with an adapter replay
+    has_lora=True graphs and match PEFT; no graph is captured again."""
+    base = tiny_models["llama"]
+    kw = dict(ENGINE_KW, enable_lora=False)
+    make = (lambda **k: _emulated_full_llm(base, monkeypatch, **k)) if mode == "FULL" else \
+        (lambda **k: LLM(str(base), **k))
+    plain = make(**kw)
+    assert all(not k.has_lora for k in plain.engine.executor.runner.graph_runner.full) \
+        if mode == "FULL" else plain.engine.executor.runner.graph_runner is None
+    llm = make(max_loras=2, **ENGINE_KW)
+    runner = llm.engine.executor.runner
+    graphs = runner.graph_runner
+    descs: list[Any] = []
+    captures: list[int] = []
+    if graphs is not None:
+        assert len(graphs.full) == 2 * len(plain.engine.executor.runner.graph_runner.full)
+        assert {k for k in graphs.full if not k.has_lora} == \
+            set(plain.engine.executor.runner.graph_runner.full)
+        run, capture = graphs.run, graphs.impl.capture
+        graphs.run = lambda m, desc, ctx: (descs.append(desc), run(m, desc, ctx))[1]
+        graphs.impl.capture = lambda fn: (captures.append(1), capture(fn))[1]
+    calls = _count_lora_calls(monkeypatch)
+    a = adapters["llama"]
+    for loras in ([None, None, None], [a[0], None, a[1]], [None, None], [a[2], None]):
+        prompts = _prompts(rng, len(loras))
+        descs.clear()
+        calls[0] = 0
+        outs = _generate(llm, prompts, loras)
+        _check_against_peft(base, prompts, loras, outs)
+        assert bool(descs) == (mode == "FULL")  # the decode steps replayed graphs
+        has_lora = any(loras)
+        assert all(d.has_lora is has_lora for d in descs)
+        if has_lora:
+            assert calls[0] > 0
+            continue
+        assert calls[0] == 0, "LoRA kernels ran in a batch without adapters"
+        assert _logprobs(outs) == _logprobs(_generate(plain, prompts, loras))
+    assert not captures, "graphs were captured again"
+    llm.shutdown()
+    plain.shutdown()

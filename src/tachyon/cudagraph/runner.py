@@ -5,6 +5,10 @@ input buffers and whatever the backend's ``build_metadata`` just wrote into its 
 persistent buffers. PIECEWISE graphs hold everything but attention, which runs eagerly
 between graph segments on the live metadata; the segments come either from the breakable
 capture (no compiler) or from torch.compile's split graph (``compiled.py``).
+
+With LoRA on, each graph is captured with and without the LoRA kernels
+(``BatchDescriptor.has_lora``), except with the compiled PIECEWISE backend, whose traced
+model always includes them (``layers.linear.lora_active``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from tachyon.cudagraph.breakable import (
     _AttentionCall,
 )
 from tachyon.cudagraph.contract import ENV_DEBUG_GRAPHS, Signature, check_replay, signature
-from tachyon.cudagraph.dispatcher import BatchDescriptor, CudagraphDispatcher
+from tachyon.cudagraph.dispatcher import MIXED, BatchDescriptor, CudagraphDispatcher
 from tachyon.cudagraph.graph_impl import CapturedGraph, CudaGraphs, EmulatedGraphs, frozen_gc
 from tachyon.cudagraph.modes import CGSupport, CUDAGraphMode, RuntimeMode
 from tachyon.forward_context import ForwardContext, set_forward_context
@@ -60,7 +64,8 @@ class CUDAGraphRunner:
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], stage_dummy: StageDummy,
                  mode: CUDAGraphMode, compilation: CompilationConfig, max_num_seqs: int,
                  max_num_tokens: int, num_speculative_tokens: int = 0, emulate: bool = False,
-                 compiled: Any = None) -> None:
+                 compiled: Any = None, lora: bool = False) -> None:
+        """``lora``: the model has adapter slots (LoRA on)."""
         self.model, self.inputs, self.backend = model, inputs, backend
         self.kv_caches, self.stage_dummy = kv_caches, stage_dummy
         self.mode = mode
@@ -76,8 +81,11 @@ class CUDAGraphRunner:
         piecewise_compiled = mode.has_piecewise() and cfg.piecewise_backend == "compile"
         self.mixed_sizes = () if piecewise_compiled else cfg.mixed_capture_sizes(
             max_num_seqs, max_num_tokens)
+        # LoRA: graphs without the LoRA kernels for batches without adapters, and with them;
+        # the compiled backend's traced model cannot leave them out, so only with.
+        lora_variants = ((True,) if piecewise_compiled else (False, True)) if lora else (False,)
         self.dispatcher = CudagraphDispatcher(mode, self.sizes, verify_len, max_num_tokens,
-                                              self.mixed_sizes)
+                                              self.mixed_sizes, lora_variants)
         self.shared_io = SharedAttentionIO(self.mixed_sizes[-1]) if self.mixed_sizes else None
         self.emulate = emulate
         self.impl = EmulatedGraphs() if emulate else CudaGraphs()
@@ -86,7 +94,8 @@ class CUDAGraphRunner:
         # on every replay under emulation and in the GPU debug mode.
         self.full_signatures: dict[BatchDescriptor, Signature] = {}
         self.check_contract = emulate or os.environ.get(ENV_DEBUG_GRAPHS) == "1"
-        self.piecewise: dict[int, BreakableGraph] = {}
+        # Breakable graphs by (size, has_lora): ``_piecewise_key``.
+        self.piecewise: dict[BatchDescriptor, BreakableGraph] = {}
         self.compiled = compiled
         if self.compiled is not None:
             self.compiled.impl = self.impl  # captures of the reused model go to this pool
@@ -98,12 +107,13 @@ class CUDAGraphRunner:
         self._live: ForwardContext | None = None
 
     # -- dispatch and run ----------------------------------------------------------------
-    def dispatch(self, num_tokens: int,
-                 uniform_query_len: int) -> tuple[RuntimeMode, BatchDescriptor]:
-        mode, desc = self.dispatcher.descriptor(num_tokens, uniform_query_len)
+    def dispatch(self, num_tokens: int, uniform_query_len: int,
+                 has_lora: bool = False) -> tuple[RuntimeMode, BatchDescriptor]:
+        mode, desc = self.dispatcher.descriptor(num_tokens, uniform_query_len, has_lora)
         if mode is RuntimeMode.PIECEWISE and self.emulate and self.compiled is None:
             # Breakable segments need a real GPU.
-            return RuntimeMode.NONE, BatchDescriptor(num_tokens, desc.uniform_query_len)
+            return RuntimeMode.NONE, BatchDescriptor(num_tokens, desc.uniform_query_len,
+                                                     has_lora)
         return mode, desc
 
     def run(self, mode: RuntimeMode, desc: BatchDescriptor, ctx: ForwardContext) -> torch.Tensor:
@@ -119,7 +129,7 @@ class CUDAGraphRunner:
                 return self.compiled.run(n, RuntimeMode.PIECEWISE)
         self._live = ctx
         try:
-            return self.piecewise[n].replay(self._attend_live)
+            return self.piecewise[_piecewise_key(desc)].replay(self._attend_live)
         finally:
             self._live = None
 
@@ -145,9 +155,10 @@ class CUDAGraphRunner:
                 if mode is RuntimeMode.FULL:
                     self.full[desc] = self._capture_full(desc)
                 elif self.compiled is not None:
-                    self._capture_compiled(desc.num_tokens)
+                    self._capture_compiled(desc)
                 elif not self.emulate:
-                    self.piecewise[desc.num_tokens] = self._capture_breakable(desc.num_tokens)
+                    key = _piecewise_key(desc)
+                    self.piecewise[key] = self._capture_breakable(key)
         seconds = time.perf_counter() - start
         pool_mib = 0.0
         if on_cuda:
@@ -172,7 +183,7 @@ class CUDAGraphRunner:
         # Dummy requests have no context beyond their own queries: a capture batch never
         # claims more context than the cache holds, even the one-block cache of the trial.
         meta = self.backend.build_metadata(self.stage_dummy(desc, mode))
-        return ForwardContext(self.backend, meta, self.kv_caches)
+        return ForwardContext(self.backend, meta, self.kv_caches, has_lora=desc.has_lora)
 
     def _forward(self, n: int, ctx: ForwardContext) -> torch.Tensor:
         b = self.inputs
@@ -189,8 +200,9 @@ class CUDAGraphRunner:
         self.full_signatures[desc] = signature(ctx.attn_metadata)
         return graph
 
-    def _capture_breakable(self, n: int) -> BreakableGraph:
-        ctx = self._context(BatchDescriptor(n), RuntimeMode.PIECEWISE)
+    def _capture_breakable(self, key: BatchDescriptor) -> BreakableGraph:
+        n = key.num_tokens
+        ctx = self._context(key, RuntimeMode.PIECEWISE)
         self._forward(n, ctx)  # warm-up
         b = self.inputs
         impl: Any = self.impl
@@ -202,7 +214,7 @@ class CUDAGraphRunner:
             with torch.cuda.stream(impl.stream):
                 capture.begin()
                 breaking = ForwardContext(ctx.backend, ctx.attn_metadata, ctx.kv_caches,
-                                          breaker=capture)
+                                          breaker=capture, has_lora=ctx.has_lora)
                 with set_forward_context(breaking):
                     out = self.model(b.input_ids[:n], b.positions[:n])
                 graph = capture.finish(out)
@@ -213,14 +225,22 @@ class CUDAGraphRunner:
 
     def _warm_compiled(self) -> None:
         """Trace and compile once (dynamic batch size) before any capture."""
-        ctx = self._context(BatchDescriptor(self.sizes[-1]), RuntimeMode.PIECEWISE)
+        lora = self.dispatcher.lora_variants[-1]
+        ctx = self._context(BatchDescriptor(self.sizes[-1], MIXED, lora), RuntimeMode.PIECEWISE)
         with set_forward_context(ctx):
             self.compiled.run(self.sizes[-1], RuntimeMode.NONE)
 
-    def _capture_compiled(self, n: int) -> None:
-        ctx = self._context(BatchDescriptor(n), RuntimeMode.PIECEWISE)
+    def _capture_compiled(self, desc: BatchDescriptor) -> None:
+        """One graph per size (and piece): the compiled backend has a single LoRA variant."""
+        ctx = self._context(_piecewise_key(desc), RuntimeMode.PIECEWISE)
         with set_forward_context(ctx):
-            self.compiled.capture(n)
+            self.compiled.capture(desc.num_tokens)
+
+
+def _piecewise_key(desc: BatchDescriptor) -> BatchDescriptor:
+    """A PIECEWISE graph holds no attention: one per (size, has_lora) serves decode and mixed
+    batches alike."""
+    return BatchDescriptor(desc.num_tokens, MIXED, desc.has_lora)
 
 
 def _progress(keys: list[Any]) -> Any:

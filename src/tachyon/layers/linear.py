@@ -14,7 +14,9 @@ LoRA (``tachyon.lora``): a layer given adapter slots (``layer.lora``) adds each 
 delta to the base GEMM's output; column-parallel layers before their output leaves, row-parallel
 ones into the partial sums before the all-reduce (the delta is linear in the shrunk input, so
 reducing once covers both). Such a layer runs the norm or the activation before it on its own,
-since the shrink needs that input too.
+since the shrink needs that input too. In a batch where no token has an adapter
+(``ForwardContext.has_lora`` False) it runs exactly the base layer: no LoRA kernel, fused paths
+included (see ``lora_active``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tachyon.distributed.parallel_state import (
     get_tp_world_size,
     tensor_model_parallel_all_reduce,
 )
+from tachyon.forward_context import get_forward_context
 from tachyon.layers.kernels.skinny_gemm import (
     Prologue,
     skinny_config,
@@ -54,6 +57,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     if config is None:
         return F.linear(x, weight, bias)
     return skinny_gemm(x, weight, bias, config=config)
+
+
+def lora_active() -> bool:
+    """Whether a layer with adapter slots runs its LoRA kernels in this forward: where the
+    step's batch has an adapter (a Python branch, decided once at graph capture), and always
+    under torch.compile, whose traced graph must not depend on the per-step forward context
+    (the compiled PIECEWISE backend captures every graph with LoRA)."""
+    return torch.compiler.is_compiling() or get_forward_context().has_lora
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -110,7 +121,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias)
-        if self.lora is not None:
+        if self.lora is not None and lora_active():
             self.lora.add_delta(x, y)
         return y
 
@@ -120,7 +131,7 @@ class ColumnParallelLinear(nn.Module):
         (``norm(x), x`` without a residual). At decode sizes one launch: the norm and the
         residual add run in the GEMM's prologue (x is replicated over ranks, so TP is moot)."""
         config = skinny_config(x, self.weight)
-        if config is not None and self.lora is None:
+        if config is not None and (self.lora is None or not lora_active()):
             return skinny_gemm_rms_norm(x, norm.weight, norm.eps, self.weight, self.bias,
                                         residual, config=config)
         if residual is None:
@@ -213,7 +224,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = linear(x, self.weight)
-        if self.lora is not None:
+        if self.lora is not None and lora_active():
             self.lora.add_delta(x, partial)
         return self._reduce(partial)
 
@@ -223,7 +234,7 @@ class RowParallelLinear(nn.Module):
         (this rank's gate and up shards side by side). At decode sizes one launch: the
         activation runs in the GEMM's prologue."""
         config = skinny_config(x, self.weight)
-        if config is None or self.lora is not None:
+        if config is None or (self.lora is not None and lora_active()):
             return self(act(x))
         return self._reduce(skinny_gemm(x, self.weight, config=config,
                                         prologue=Prologue.SILU_MUL))

@@ -14,6 +14,8 @@ from tachyon.worker.input_buffers import InputBuffers
 from tachyon.worker.request_state import BlockRows
 from tachyon.worker.step_plan import StepPlan
 
+DUMMY_SLOT = 0  # the adapter slot of a has_lora capture's tokens: every LoRA engine has one
+
 
 def uniform_query_len(b: InputBuffers, num_reqs: int) -> int:
     """The query length every request of the staged batch shares, or MIXED."""
@@ -44,7 +46,9 @@ def stage_dummy(b: InputBuffers, rows: BlockRows, desc: BatchDescriptor, mode: R
                 max_num_seqs: int) -> CommonAttentionMetadata:
     """Stage a synthetic batch shaped like graph key ``desc`` (for warm-up and capture), send
     it to the device and return its attention metadata: every request takes the key's query
-    length (1 when mixed), request 0 the surplus; no context, nothing written to the cache."""
+    length (1 when mixed), request 0 the surplus; no context, nothing written to the cache.
+    A key with ``has_lora`` gives every token adapter slot 0, so the capture's warm-up runs
+    the LoRA kernels on real rows (its output is discarded)."""
     num_tokens, num_reqs = desc.num_tokens, desc.num_reqs(max_num_seqs)
     q = max(1, desc.uniform_query_len)
     lens = np.full(num_reqs, q, dtype=np.int64)
@@ -57,7 +61,7 @@ def stage_dummy(b: InputBuffers, rows: BlockRows, desc: BatchDescriptor, mode: R
     b.np_input_ids[:num_tokens] = 0
     b.np_positions[:num_tokens] = 0
     b.np_slot_mapping[:num_tokens] = -1
-    b.np_lora_slots[:num_tokens] = NO_SLOT
+    b.np_lora_slots[:num_tokens] = DUMMY_SLOT if desc.has_lora else NO_SLOT
     b.np_logits_indices[:num_reqs] = np.cumsum(lens) - 1
     plan = StepPlan(num_tokens, num_reqs, num_tokens, num_reqs, mode, desc.uniform_decode,
                     desc)

@@ -192,7 +192,9 @@ class ModelRunner:
     def profile_run(self) -> None:
         n = self.max_num_tokens
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        with set_forward_context(ForwardContext(self.backend, None, [])):
+        # With LoRA, the peak includes the adapters' intermediates.
+        profile = ForwardContext(self.backend, None, [], has_lora=self.lora_manager is not None)
+        with set_forward_context(profile):
             hidden = self.model(ids, ids)
         self.model.compute_logits(hidden[: self.max_num_seqs])
         del hidden
@@ -268,17 +270,17 @@ class ModelRunner:
         """``metadata``: what the backend's ``build_metadata`` made of the step."""
         b = self.buffers
         n = plan.padded_tokens
-        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches, has_lora=plan.desc.has_lora)
         if self.graph_runner is not None and plan.mode is not RuntimeMode.NONE:
             return self.graph_runner.run(plan.mode, plan.desc, ctx)
         with set_forward_context(ctx):
             return self.model(b.input_ids[:n], b.positions[:n])
 
-    def _dispatch(self, num_tokens: int,
-                  uniform_query_len: int) -> tuple[RuntimeMode, BatchDescriptor]:
+    def _dispatch(self, num_tokens: int, uniform_query_len: int,
+                  has_lora: bool) -> tuple[RuntimeMode, BatchDescriptor]:
         if self.graph_runner is None:
-            return RuntimeMode.NONE, BatchDescriptor(num_tokens, uniform_query_len)
-        return self.graph_runner.dispatch(num_tokens, uniform_query_len)
+            return RuntimeMode.NONE, BatchDescriptor(num_tokens, uniform_query_len, has_lora)
+        return self.graph_runner.dispatch(num_tokens, uniform_query_len, has_lora)
 
     def _stage(self, out: SchedulerOutput) -> StepPlan:
         """Update request states and write the step's inputs into the host buffers."""
@@ -325,15 +327,16 @@ class ModelRunner:
         # Only a speculative engine has uniform batches of more than one token (verify).
         q = 1 if out.uniform_decode else \
             MIXED if self.speculative is None else uniform_query_len(b, num_reqs)
-        plan.mode, plan.desc = self._dispatch(num_tokens, q)
+        # A batch without adapters runs the base model's kernels (BatchDescriptor.has_lora).
+        has_lora = self.lora_manager is not None and stage_lora_slots(
+            self.lora_manager, b.np_lora_slots, lora_spans, num_tokens)
+        plan.mode, plan.desc = self._dispatch(num_tokens, q, has_lora)
         plan.padded_tokens = plan.desc.num_tokens
         # A full graph is shaped by its request count too: pad requests to a fixed count.
         if plan.mode is RuntimeMode.FULL:
             plan.padded_reqs = plan.desc.num_reqs(self.max_num_seqs)
         pad_batch(b, block_rows, num_tokens, num_reqs, plan.padded_tokens, plan.padded_reqs,
                   max(1, plan.desc.uniform_query_len))
-        if self.lora_manager is not None:
-            stage_lora_slots(self.lora_manager, b.np_lora_slots, lora_spans)
         return plan
 
     def stage_dummy(self, desc: BatchDescriptor, mode: RuntimeMode) -> CommonAttentionMetadata:
@@ -431,7 +434,8 @@ class ModelRunner:
         return CUDAGraphRunner(
             self.model, self.buffers, self.backend, self.kv_caches, self.stage_dummy, mode,
             self.config.compilation, self.max_num_seqs, self.max_num_tokens,
-            spec.num_speculative_tokens if spec is not None else 0, emulate, compiled)
+            spec.num_speculative_tokens if spec is not None else 0, emulate, compiled,
+            lora=self.lora_manager is not None)
 
     @torch.inference_mode()  # as at run time: dynamo guards on the grad mode
     def init_graphs(self) -> str:
