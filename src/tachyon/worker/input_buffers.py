@@ -10,6 +10,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tachyon.sampling_params import SamplingParams
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without an asynchronous copy out of pageable memory: on a GPU
+    it is pinned first (torch's caching host allocator keeps the pinned block until the
+    copy has read it, so this is safe for tensors made after the step's ``StagingFence``
+    record, where a reused buffer would not be)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
 
 class InputBuffers:
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
@@ -82,11 +94,18 @@ class StagingFence:
 
 
 class SamplingBuffers:
-    """Per-request sampling parameters for one step, staged in pinned memory and sent with a
-    single asynchronous copy per dtype before the forward pass is queued."""
+    """Per-row sampling parameters for one step, staged in pinned memory and sent with a
+    single asynchronous copy per dtype before the forward pass is queued.
+
+    Each row remembers whose parameters it holds: a row that has the same ``SamplingParams``
+    object as last step is not written again (params are not changed once a request runs).
+    Next to the values, each row keeps the host-side facts the sampler's control flow
+    needs, decided in Python exactly as before, so a step reduces them with numpy."""
 
     FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty")
+    # Per-row flags: greedy, top-p on, min-p on, a penalty on.
+    GREEDY, TOP_P, MIN_P, PENALTY = range(4)
 
     def __init__(self, max_num_seqs: int, device: torch.device) -> None:
         pin = device.type == "cuda"
@@ -96,14 +115,27 @@ class SamplingBuffers:
         self.dev_f = torch.zeros_like(self.host_f, device=device)
         self.dev_k = torch.zeros_like(self.host_k, device=device)
         self.np_f, self.np_k = self.host_f.numpy(), self.host_k.numpy()
+        self.flags = np.zeros((4, max_num_seqs), dtype=bool)
+        self.num_logprobs = np.full(max_num_seqs, -1, dtype=np.int64)  # -1: none asked
+        self.owners: list[SamplingParams | None] = [None] * max_num_seqs
 
-    def stage(self, rows: dict[str, list[float]], top_k: list[int]) -> None:
-        k = len(top_k)
-        for i, name in enumerate(self.FLOAT_FIELDS):
-            self.np_f[i, :k] = rows[name]
-        self.np_k[:k] = top_k
-        self.dev_f[:, :k].copy_(self.host_f[:, :k], non_blocking=True)
-        self.dev_k[:k].copy_(self.host_k[:k], non_blocking=True)
+    def stage(self, params: list[SamplingParams]) -> None:
+        """Write the rows whose params changed, then send them all (whole buffers: a copy
+        of a column slice would go through a pageable temporary)."""
+        owners, np_f, flags = self.owners, self.np_f, self.flags
+        for i, p in enumerate(params):
+            if owners[i] is p:
+                continue
+            owners[i] = p
+            np_f[:, i] = (p.temperature, p.top_p, p.min_p, p.presence_penalty,
+                          p.frequency_penalty, p.repetition_penalty)
+            self.np_k[i] = p.top_k
+            flags[:, i] = (p.temperature == 0.0, p.top_p < 1.0, p.min_p > 0.0,
+                           bool(p.presence_penalty or p.frequency_penalty
+                                or p.repetition_penalty != 1.0))
+            self.num_logprobs[i] = -1 if p.logprobs is None else p.logprobs
+        self.dev_f.copy_(self.host_f, non_blocking=True)
+        self.dev_k.copy_(self.host_k, non_blocking=True)
 
     def field(self, name: str, k: int) -> torch.Tensor:
         return self.dev_f[self.FLOAT_FIELDS.index(name), :k]
@@ -125,4 +157,7 @@ class VerifyBuffers:
         self.logits_indices, self.draft_ids = self.dev
 
     def copy_to_device(self, num_rows: int) -> None:
-        self.dev[:, :num_rows].copy_(self.host[:, :num_rows], non_blocking=True)
+        """Both rows whole: a column slice of the pair would go through a pageable
+        temporary (``num_rows``: kept for the caller; the buffers are small)."""
+        del num_rows
+        self.dev.copy_(self.host, non_blocking=True)

@@ -30,13 +30,13 @@ from tachyon.cudagraph.dispatcher import MIXED, BatchDescriptor
 from tachyon.cudagraph.modes import CUDAGraphMode, RuntimeMode
 from tachyon.cudagraph.runner import CUDAGraphRunner
 from tachyon.forward_context import ForwardContext, set_forward_context
-from tachyon.layers.sampler import Sampler, SamplingMetadata
+from tachyon.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from tachyon.loader.loader import load_model
 from tachyon.loader.update import NamedTensors, WeightUpdateReport, update_model_weights
 from tachyon.lora.manager import LoRAManager
 from tachyon.lora.request import LoRARequest
 from tachyon.spec_decode.draft_model import DraftModel
-from tachyon.spec_decode.rejection import num_accepted, rejection_sample
+from tachyon.spec_decode.rejection import RejectionOutput, num_accepted, rejection_sample
 from tachyon.step import ModelRunnerOutput, SchedulerOutput
 from tachyon.structured_output.manager import StructuredOutputManager
 from tachyon.worker.graph_mode import emulate_graphs, resolve_graph_mode
@@ -46,6 +46,7 @@ from tachyon.worker.input_buffers import (
     SamplingBuffers,
     StagingFence,
     VerifyBuffers,
+    to_device,
 )
 from tachyon.worker.kv_sizing import (
     KVCaches,
@@ -55,14 +56,14 @@ from tachyon.worker.kv_sizing import (
     profiled_num_blocks,
 )
 from tachyon.worker.lora_hooks import LoRASpans, require_lora, stage_lora_slots
-from tachyon.worker.pending import PendingOutput, finish_sampled, record_event
+from tachyon.worker.pending import LogprobsHost, PendingOutput, finish_sampled, record_event
 from tachyon.worker.prompt_logprobs import (
     PendingPromptLogprobs,
     score_prompt,
     stage_prompt_logprobs,
 )
 from tachyon.worker.request_state import BlockRows, RequestState, update_state
-from tachyon.worker.sampling_inputs import mask_min_tokens, sampling_metadata
+from tachyon.worker.sampling_inputs import PenaltyRows, mask_min_tokens, sampling_metadata
 from tachyon.worker.sleep import (
     MemoryReport,
     count_unset_params,
@@ -122,6 +123,9 @@ class ModelRunner:
             self.model, config.lora, self.buffers.lora_slots, mc.dtype, device)
         self.sampler = Sampler()
         self.sampling_buffers = SamplingBuffers(self.max_num_logits, device)
+        self.vocab_size = int(mc.hf_config.vocab_size)
+        self.penalty_rows = PenaltyRows(self.max_num_logits, self.vocab_size, device)
+        self.host_logprobs = LogprobsHost(self.max_num_logits, device)
         # Pinned staging buffers above are refilled every step: see StagingFence.
         self.staging_fence = StagingFence(device)
         self.block_rows = BlockRows(self.buffers.np_block_table, self.max_num_seqs)
@@ -131,12 +135,16 @@ class ModelRunner:
         self._host_ids = [torch.zeros(host_len, dtype=torch.int64, pin_memory=pin)
                           for _ in range(2)]
         self._host_ids_flip = 0
+        # Async steps: (position, previous row) of each input the previous step samples;
+        # refilled every step, so behind the StagingFence like the other staging buffers.
+        self._prev_idx_host = torch.zeros(2 * self.max_num_seqs, dtype=torch.int64,
+                                          pin_memory=pin)
+        self._prev_idx_dev = torch.zeros_like(self._prev_idx_host, device=device)
         self._prev_sampled = torch.zeros(self.max_num_seqs, dtype=torch.int64, device=device)
         self._prev_rows: dict[str, int] = {}
         self.kv_caches: KVCaches = []
         self.num_blocks = 0  # set by allocate_kv_cache
         self.states: dict[str, RequestState] = {}
-        self.vocab_size = int(mc.hf_config.vocab_size)
         self.structured = StructuredOutputManager(mc.tokenizer_path, self.vocab_size, device,
                                                   self.max_num_seqs)
         # The last sampled step: under asynchronous scheduling a step with grammars reads its
@@ -259,11 +267,13 @@ class ModelRunner:
     def _fill_from_previous(self, plan: StepPlan) -> None:
         if not plan.from_previous:
             return
-        pos, rows = zip(*plan.from_previous, strict=True)
-        idx = torch.tensor([pos, rows], dtype=torch.int64)
+        n = len(plan.from_previous)
+        host = self._prev_idx_host[:2 * n]
+        host.numpy().reshape(2, n)[:] = np.asarray(plan.from_previous, dtype=np.int64).T
+        idx = host.view(2, n)
         if self.device.type == "cuda":
-            idx = idx.pin_memory()
-        idx = idx.to(self.device, non_blocking=True)
+            idx = self._prev_idx_dev[:2 * n].view(2, n)
+            idx.copy_(host.view(2, n), non_blocking=True)
         self.buffers.input_ids[idx[0]] = self._prev_sampled[idx[1]]
 
     def _run_model(self, plan: StepPlan, metadata: Any) -> torch.Tensor:
@@ -363,8 +373,10 @@ class ModelRunner:
         self._host_ids_flip ^= 1  # two buffers: the next step's copy must not clobber this one
         host = self._host_ids[self._host_ids_flip][:k]
         host.copy_(res.sampled_token_ids, non_blocking=True)
+        logprobs = self._logprobs_to_host(res)  # before the event: it covers this copy
         self._last_sampled = PendingOutput(self, plan.sample_ids, host,
-                                           record_event(self.device), res, prompt=prompt)
+                                           record_event(self.device), res, prompt=prompt,
+                                           logprobs=logprobs)
         return self._last_sampled
 
     def _sample_spec(self, plan: StepPlan, hidden: torch.Tensor, meta: SamplingMetadata,
@@ -381,8 +393,15 @@ class ModelRunner:
         host[r:].copy_(res.accepted, non_blocking=True)
         drafts = self._propose_drafts(plan, res.token_ids, res.accepted) \
             if self.drafter is not None else None
+        logprobs = self._logprobs_to_host(res)  # before the event: it covers this copy
         return PendingOutput(self, plan.sample_ids, host, record_event(self.device), res,
-                             plan.spec_starts, prompt, drafts)
+                             plan.spec_starts, prompt, drafts, logprobs)
+
+    def _logprobs_to_host(self, res: SamplerOutput | RejectionOutput,
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if res.logprobs is None:
+            return None
+        return self.host_logprobs.copy(res.logprob_token_ids, res.logprobs)
 
     def _propose_drafts(self, plan: StepPlan, token_ids: torch.Tensor,
                         accepted: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -399,7 +418,7 @@ class ModelRunner:
         last_pos = b.np_seq_lens[rows].astype(np.int64) - drafts_verified + counts
         caps = np.minimum([len(self.states[rid].block_ids) * bs for rid in plan.sample_ids],
                           self.attn_spec.max_model_len)
-        rows_dev = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        rows_dev = to_device(torch.from_numpy(rows), self.device)
         last_ids = token_ids[torch.from_numpy(starts + counts).to(self.device)]
         host, valid = self.drafter.propose(last_ids, last_pos, caps, b.np_block_table[rows],
                                            b.block_table[rows_dev], bs)
@@ -424,7 +443,7 @@ class ModelRunner:
         # One row per logits row: a verifying request's parameters repeat over its rows, and
         # its seeded generator serves them in order.
         states = [self.states[rid] for rid in plan.logit_ids or plan.sample_ids]
-        return sampling_metadata(states, self.sampling_buffers, self.vocab_size, self.device)
+        return sampling_metadata(states, self.sampling_buffers, self.penalty_rows, self.device)
 
     # -- graphs --------------------------------------------------------------------------
     def _graph_runner(self, mode: CUDAGraphMode, emulate: bool,

@@ -8,6 +8,7 @@ from torch import nn
 
 from tachyon.layers.sampler import gather_logprobs
 from tachyon.step import PromptLogprobRow, ScheduledRequest
+from tachyon.worker.input_buffers import to_device
 from tachyon.worker.request_state import RequestState
 from tachyon.worker.step_plan import PromptLogprobSpan, StepPlan
 
@@ -54,8 +55,8 @@ def score_prompt(model: nn.Module, plan: StepPlan, hidden: torch.Tensor, max_row
     """Float32 log-softmax at the scored prompt positions (raw logits: no penalties or
     temperature apply to a prompt), the next prompt token's logprob, its rank and the top-k,
     all on the device; one copy back is queued."""
-    idx = torch.tensor([plan.prompt_index, plan.prompt_targets], dtype=torch.int64)
-    idx = idx.to(device, non_blocking=True)
+    idx = to_device(torch.tensor([plan.prompt_index, plan.prompt_targets],
+                                 dtype=torch.int64), device)
     k = max(sp.num_logprobs for sp in plan.prompt_spans)
     # In slices of max_rows (max_num_logits) rows: the [rows, V] temporaries then stay the
     # size the profile run measured for the sampled logits, however long the chunk.

@@ -29,6 +29,9 @@ class RequestState:
     # With params.prompt_logprobs, until the chunk that samples is staged: the prompt, for
     # the targets past a chunk's end (token_ids holds only what has been scheduled).
     prompt_ids: list[int] | None = None
+    # Bumped whenever token_ids changes other than by appending (a truncation, a placeholder
+    # filled): cached copies of it (sampling_inputs.PenaltyRows) are then rewritten.
+    version: int = 0
 
 
 def update_state(states: dict[str, RequestState], s: ScheduledRequest,
@@ -55,7 +58,9 @@ def update_state(states: dict[str, RequestState], s: ScheduledRequest,
         st.row = -1  # block list replaced (resumed after preemption): rewrite its row
     else:
         st.block_ids.extend(s.block_ids)
-    del st.token_ids[s.num_computed_tokens:]
+    if len(st.token_ids) > s.num_computed_tokens:
+        del st.token_ids[s.num_computed_tokens:]
+        st.version += 1
     st.token_ids.extend(s.new_token_ids)
     if s.num_pending_inputs:
         st.placeholder = len(st.token_ids)

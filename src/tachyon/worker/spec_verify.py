@@ -8,7 +8,7 @@ import numpy as np
 from tachyon.spec_decode.rejection import NO_DRAFT, num_accepted
 from tachyon.step import ModelRunnerOutput, ScheduledRequest
 from tachyon.worker.input_buffers import VerifyBuffers
-from tachyon.worker.pending import PendingOutput
+from tachyon.worker.pending import PendingOutput, logprob_rows
 from tachyon.worker.request_state import RequestState
 from tachyon.worker.step_plan import StepPlan
 
@@ -37,10 +37,9 @@ def finish_spec(pending: PendingOutput, states: dict[str, RequestState]) -> Mode
     ids = rows[:r].tolist()
     spans = [(int(a), int(a + n)) for a, n in zip(starts, counts, strict=True)]
     tokens = [ids[a:e] for a, e in spans]
-    res = pending.sampler_output
     logprobs = None
-    if res.logprobs is not None:
-        lp_ids, lp_vals = res.logprob_token_ids.tolist(), res.logprobs.tolist()
+    if pending.logprobs is not None:
+        lp_ids, lp_vals = logprob_rows(pending.logprobs)
         logprobs = []
         for rid, (a, e) in zip(pending.request_ids, spans, strict=True):
             st = states.get(rid)
