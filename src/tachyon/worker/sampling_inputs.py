@@ -101,13 +101,29 @@ class PenaltyRows:
         prompt and output histories, ``[k, longest]`` each, on ``device``."""
         owners, versions, pad = self.owners, self.versions, self.pad
         num_prompt, num_out = self.num_prompt, self.num_out
+        # Rows that grew by one token (a decode step: almost all of them) are written
+        # together after the loop, in one numpy assignment.
+        one_rows: list[int] = []
+        one_cols: list[int] = []
+        one_ids: list[int] = []
         wp = wo = 1
         for i, st in enumerate(states):
-            toks, n = st.token_ids, len(st.token_ids)
-            p = min(st.prompt_len, n)
-            o = n - p
-            if (owners[i] is not st or versions[i] != st.version or p != num_prompt[i]
-                    or o < num_out[i]):
+            toks = st.token_ids
+            n, p = len(toks), st.prompt_len
+            if n < p:
+                p = n
+            o, w = n - p, num_out[i]
+            if owners[i] is st and versions[i] == st.version and num_prompt[i] == p \
+                    and o >= w:
+                if o == w + 1:
+                    one_rows.append(i)
+                    one_cols.append(w)
+                    one_ids.append(toks[-1])
+                elif o > w:
+                    if o > self.output.shape[1]:
+                        self.output = self._grown(self.output, o, pad)
+                    self.output[i, w:o] = toks[p + w:]
+            else:  # another request, or its tokens changed: the whole row
                 if p > self.prompt.shape[1]:
                     self.prompt = self._grown(self.prompt, p, pad)
                 if o > self.output.shape[1]:
@@ -117,16 +133,15 @@ class PenaltyRows:
                 self.output[i, :o] = toks[p:]
                 self.output[i, o:] = pad
                 owners[i], versions[i], num_prompt[i] = st, st.version, p
-            elif o > num_out[i]:
-                if o > self.output.shape[1]:
-                    self.output = self._grown(self.output, o, pad)
-                w = num_out[i]
-                if o - w == 1:
-                    self.output[i, w] = toks[-1]
-                else:
-                    self.output[i, w:o] = toks[p + w:]
             num_out[i] = o
-            wp, wo = max(wp, p), max(wo, o)
+            if p > wp:
+                wp = p
+            if o > wo:
+                wo = o
+        if one_rows:
+            if wo > self.output.shape[1]:
+                self.output = self._grown(self.output, wo, pad)
+            self.output[one_rows, one_cols] = one_ids
         k = len(states)
         return (self._send(0, self.prompt[:k, :wp], device),
                 self._send(1, self.output[:k, :wo], device))
