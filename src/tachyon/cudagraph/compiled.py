@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx.passes.split_module import split_module
+from torch.utils import _pytree as pytree
 
 from tachyon.config import cache_root
 from tachyon.cudagraph.modes import RuntimeMode
@@ -39,11 +40,16 @@ class Piece(nn.Module):
     """One compiled piece between attention calls, with its per-size CUDA graphs."""
 
     def __init__(self, owner: CompiledPiecewiseModel, graph: torch.fx.GraphModule,
-                 compiled: Callable[..., Any]) -> None:
+                 compiled: Callable[..., Any], out_spec: pytree.TreeSpec) -> None:
         super().__init__()
         self.owner = owner
         self.graph_module = graph
         self.compiled = compiled
+        # Inductor rewrites a graph that returns a non-tuple (a piece with one output) to
+        # return the flat tuple of its outputs, in place, and unflattens only what that first
+        # compilation returns: a per-size compilation of the same graph module must unflatten
+        # its own results with the structure the graph had before.
+        self.out_spec = out_spec
         self.by_size: dict[int, Callable[..., Any]] = {}  # static-shape compilations
         self.graphs: dict[int, Any] = {}
 
@@ -51,7 +57,8 @@ class Piece(nn.Module):
         if n in self.owner.compile_sizes and n not in self.by_size:
             from torch._inductor.compile_fx import compile_fx
 
-            self.by_size[n] = compile_fx(self.graph_module, list(args))
+            fn, spec = compile_fx(self.graph_module, list(args)), self.out_spec
+            self.by_size[n] = lambda *a: pytree.tree_unflatten(list(fn(*a)), spec)
         return self.by_size.get(n, self.compiled)
 
     def forward(self, *args: Any) -> Any:
@@ -147,8 +154,10 @@ class _PieceCompiler(torch.fx.Interpreter):
         if target not in self.attention_parts and isinstance(submod, torch.fx.GraphModule):
             from torch._inductor.compile_fx import compile_fx
 
+            (outputs,) = submod.graph.output_node().args  # before compile_fx rewrites it
+            spec = pytree.tree_flatten(outputs)[1]
             compiled = compile_fx(submod, list(args))
-            piece = Piece(self.owner, submod, compiled)
+            piece = Piece(self.owner, submod, compiled, spec)
             self.owner.pieces.append(piece)
             setattr(self.split, target, piece)
         return out
