@@ -119,3 +119,43 @@ def test_penalties_see_the_whole_history_after_a_prefix_hit(tiny_llama: str,
         want = [lp[t] for lp, t in zip(ref.logprobs, ref.token_ids, strict=True)]
         assert got == pytest.approx(want, abs=1e-5)
     assert cached.engine.kv.prefix_hits == 3 * bs
+
+
+def test_reset_prefix_cache_forgets_free_blocks_then_the_cache_fills_again(
+        tiny_llama: str, rng: random.Random) -> None:
+    """14 prompt tokens in blocks of 4: three full blocks (12 tokens) can be served from the
+    cache. After ``reset_prefix_cache`` no block holds a hash and every block is free, so the
+    same prompt misses once (all 14 computed), then hits again; a request still running keeps
+    its blocks (only blocks not in use are forgotten)."""
+    bs, hit = 4, 12
+    prompt = [rng.randrange(TINY_VOCAB) for _ in range(hit + 2)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    llm = LLM(model=tiny_llama, device="cpu", block_size=bs, max_model_len=128)
+    kv, counts = llm.engine.kv, computed_tokens_per_request(llm)
+
+    def run() -> tuple[int, int, list[int]]:
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        return out.num_cached_tokens, counts[out.request_id], out.outputs[0].token_ids
+
+    full = len(prompt) + MAX_TOKENS - 1  # prefill, then one token per decode step
+    first = run()
+    assert first[:2] == (0, full)
+    assert run() == (hit, full - hit, first[2])
+    assert kv.pool.cached  # the finished requests' full blocks stay cached
+    llm.reset_prefix_cache()
+    assert not kv.pool.cached
+    assert all(b.block_hash is None for b in kv.pool.blocks)
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert run() == (0, full, first[2])
+    assert run() == (hit, full - hit, first[2])
+
+    # A running request's blocks are in use: they keep their hashes through a reset.
+    eng = llm.engine
+    eng.add_request("running", prompt, params)
+    eng.step()  # its prefill (a prefix hit) and first token
+    in_use = {b.block_id for b in kv.req_blocks["running"]}
+    llm.reset_prefix_cache()
+    assert set(kv.pool.cached.values()) <= in_use
+    assert len(kv.pool.cached) == hit // bs
+    while eng.has_unfinished_requests():
+        eng.step()
