@@ -22,18 +22,19 @@ from tachyon.lora.kernels.reference import expand_ref, shrink_ref
 
 NUM_SLOTS, MAX_RANK, HIDDEN, NUM_SLICES = 3, 16, 72, 2
 SLICE_SIZES = (40, 24)  # output features of the two packed matrices (off the 64-wide tile)
-# float32 kernels against float64: sums of ~100 products of O(1) values.
+# float32 kernels against float64: sums of ~100-600 products of O(1) values.
 TOL = 1e-4
 
 
-def _case(rng: random.Random, num_tokens: int) -> tuple[torch.Tensor, ...]:
+def _case(rng: random.Random, num_tokens: int,
+          hidden: int = HIDDEN) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(rng.randrange(1 << 31))
-    x = torch.randn(num_tokens, HIDDEN, generator=gen)
-    a = torch.zeros(NUM_SLOTS, NUM_SLICES * MAX_RANK, HIDDEN)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    a = torch.zeros(NUM_SLOTS, NUM_SLICES * MAX_RANK, hidden)
     b = torch.zeros(NUM_SLOTS, sum(SLICE_SIZES), MAX_RANK)
     for slot, rank in enumerate((MAX_RANK, 5, 8)):  # zero-padded below the slot's width
         for i in range(NUM_SLICES):
-            a[slot, i * MAX_RANK:i * MAX_RANK + rank] = torch.randn(rank, HIDDEN, generator=gen)
+            a[slot, i * MAX_RANK:i * MAX_RANK + rank] = torch.randn(rank, hidden, generator=gen)
         b[slot, :, :rank] = torch.randn(sum(SLICE_SIZES), rank, generator=gen)
     slots = torch.tensor([rng.choice([-1, 0, 1, 2]) for _ in range(num_tokens)])
     y = torch.randn(num_tokens, sum(SLICE_SIZES), generator=gen)
@@ -61,17 +62,19 @@ def _apply(shrink: Shrink, expand: Expand, x: torch.Tensor, a: torch.Tensor, b: 
     h = shrink(x, a, slots)
     for i, off in enumerate((0, SLICE_SIZES[0])):
         size = SLICE_SIZES[i]
-        expand(h[:, i * MAX_RANK:(i + 1) * MAX_RANK], b[:, off:off + size], slots,
+        expand(h[..., i * MAX_RANK:(i + 1) * MAX_RANK], b[:, off:off + size], slots,
                y[:, off:off + size])
     return y
 
 
-@pytest.mark.parametrize("num_tokens", [1, 37])
-def test_triton_shrink_expand_match_float64(num_tokens: int, rng: random.Random) -> None:
-    pytest.importorskip("triton")
-    from tachyon.lora.kernels.triton_shrink_expand import lora_expand, lora_shrink
+# 600: three split-K partials of the shrink, the last one ragged (K_SPLIT = 256).
+@pytest.mark.parametrize(("num_tokens", "hidden"), [(1, HIDDEN), (37, HIDDEN), (37, 600)])
+def test_triton_shrink_expand_match_float64(num_tokens: int, hidden: int,
+                                            rng: random.Random) -> None:
+    from tachyon.lora.kernels.triton_shrink_expand import K_SPLIT, lora_expand, lora_shrink
 
-    x, a, b, slots, y = _case(rng, num_tokens)
+    x, a, b, slots, y = _case(rng, num_tokens, hidden)
+    assert lora_shrink(x, a, slots).shape[0] == -(-hidden // K_SPLIT)
     got = _apply(lora_shrink, lora_expand, x, a, b, slots, y)
     want = _expected(x, a, b, slots, y)
     torch.testing.assert_close(got.double(), want, rtol=TOL, atol=TOL)

@@ -37,5 +37,5 @@ class LoRASlots(nn.Module):
         h = self._shrink(x, self.a, slots)
         r = self.max_rank
         for i, (offset, size) in enumerate(self.slices):
-            self._expand(h[:, i * r:(i + 1) * r], self.b[:, offset:offset + size],
+            self._expand(h[..., i * r:(i + 1) * r], self.b[:, offset:offset + size],
                         slots, y[:, offset:offset + size])
