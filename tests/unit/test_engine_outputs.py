@@ -257,3 +257,19 @@ def test_max_tokens_none_runs_to_max_model_len(tiny_llama: str) -> None:
                                                       ignore_eos=True)).outputs[0]
     assert len(out.token_ids) == 32 - 20 and out.finish_reason == "length"
     assert llm.engine.num_free_blocks() == llm.engine.kv.pool.num_blocks
+
+
+def test_params_changed_after_a_call_take_effect_in_the_next(tiny_llama: str) -> None:
+    """A caller's SamplingParams changed between calls: the next call samples with the new
+    values (the runner caches each row's params; it must never hold the caller's object),
+    exactly as a fresh object with those values does."""
+    llm = LLM(model=tiny_llama, device="cpu", max_model_len=128)
+    prompt = [5, 17, 3, 9, 40, 2]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    greedy = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    sp.temperature, sp.seed = 1.5, 1234
+    changed = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    fresh = llm.generate([prompt], SamplingParams(temperature=1.5, seed=1234, max_tokens=12,
+                                                  ignore_eos=True), use_tqdm=False)
+    assert changed == fresh[0].outputs[0].token_ids
+    assert changed != greedy  # seed 1234 at temperature 1.5 leaves the argmax path

@@ -128,9 +128,9 @@ class LLMEngine:
         now = arrival_time if arrival_time is not None else time.monotonic()
         parent = _Parent(rid, text, ids, [], now)
         for i in range(params.n):
-            sp = params
-            if params.n > 1:
-                sp = child_params(params, i)
+            # Each request owns its params: a caller who changes theirs after this call
+            # changes neither this request nor the step's cached sampling rows.
+            sp = child_params(params, i) if params.n > 1 else copy.copy(params)
             req = Request(rid if params.n == 1 else f"{rid}#{i}", ids, sp, self.eos_token_ids, now,
                           lora_request)
             detok = (IncrementalDetokenizer(self.tokenizer, ids, sp)

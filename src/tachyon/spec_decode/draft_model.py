@@ -26,6 +26,7 @@ from tachyon.attention.base import AttentionBackend, AttentionSpec, CommonAttent
 from tachyon.config import ModelConfig
 from tachyon.forward_context import ForwardContext, set_forward_context
 from tachyon.loader.loader import load_model
+from tachyon.worker.input_buffers import to_device
 from tachyon.worker.kv_sizing import KVCaches, allocate_kv_caches, kv_bytes_per_block
 
 
@@ -90,10 +91,10 @@ class DraftModel:
         blocks = np.take_along_axis(block_table, pos // block_size, axis=1)
         slots = np.where(valid, blocks.astype(np.int64) * block_size + pos % block_size, -1)
         host = torch.from_numpy(np.concatenate([pos.T.ravel(), slots.T.ravel()]))
-        dev = host.to(self.device, non_blocking=True)
+        dev = to_device(host, self.device)
         dev_pos, dev_slots = dev[:b * k].view(k, b), dev[b * k:].view(k, b)
         seq_lens = torch.from_numpy((pos + 1).astype(np.int32).T.copy())  # [k, B]
-        dev_lens = seq_lens.to(self.device, non_blocking=True)
+        dev_lens = to_device(seq_lens, self.device)
         ids = last_ids
         out = torch.empty(k, b, dtype=torch.int64, device=self.device)
         for j in range(k):

@@ -190,6 +190,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         used = max(0, before - torch.cuda.mem_get_info()[0])
         self._compiled_model = trial.release()
+        del trial  # its shared attention buffers too, before the pool goes back
         self._drop_kv_caches()
         gc.collect()
         torch.cuda.empty_cache()
