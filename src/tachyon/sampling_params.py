@@ -65,6 +65,13 @@ class SamplingParams:
             self.top_k = 0
         self.validate()
 
+    @property
+    def has_penalties(self) -> bool:
+        """Presence, frequency or repetition penalty on: sampling then reads every token
+        generated so far (the engine's synchronous path; no speculative drafts)."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
+
     def validate(self) -> None:
         # n has no upper bound here: the server caps it (--max-n); offline, a large n is
         # only a lot of work, like a large max_tokens.

@@ -407,3 +407,13 @@ def test_graph_mode_downgrades_are_explained() -> None:
     # Without CUDA every mode runs eagerly, with a word about it.
     res = resolve_cudagraph_mode(CUDAGraphMode.FULL, "torch", CGSupport.NEVER, False)
     assert res.mode is CUDAGraphMode.NONE and "needs a CUDA GPU" in res.warning
+
+
+@pytest.mark.parametrize(("kwargs", "want"), [
+    ({}, False), ({"presence_penalty": 0.5}, True), ({"frequency_penalty": -0.2}, True),
+    ({"repetition_penalty": 1.1}, True), ({"repetition_penalty": 1.0}, False),
+    ({"temperature": 0.0, "top_k": 5, "min_p": 0.1}, False)])
+def test_has_penalties_is_the_one_penalty_rule(kwargs: dict, want: bool) -> None:
+    """The engine core (sync path), the scheduler (no drafts) and the sampling rows (the
+    penalty flag) all ask ``SamplingParams.has_penalties``."""
+    assert SamplingParams(**kwargs).has_penalties is want

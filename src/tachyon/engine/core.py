@@ -93,7 +93,7 @@ class EngineCore:
         p = req.params
         # Penalties read every token sampled so far when sampling: the synchronous path.
         # (Grammars need only the last step's tokens, which the runner waits for itself.)
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
+        if p.has_penalties:
             self._penalty_requests.add(req.request_id)
         if p.prompt_logprobs is not None:
             self._prompt_logprobs[req.request_id] = []

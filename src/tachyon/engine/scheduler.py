@@ -198,8 +198,7 @@ class Scheduler:
         sampler's per-row parameters (penalties count earlier tokens; min_tokens masks by
         output count)."""
         p = req.params
-        if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
-                or req.num_output_tokens < p.min_tokens):
+        if p.has_penalties or req.num_output_tokens < p.min_tokens:
             return []
         room = min(budget, self.max_model_len - req.num_tokens)
         if p.max_tokens is not None:

@@ -131,8 +131,7 @@ class SamplingBuffers:
                           p.frequency_penalty, p.repetition_penalty)
             self.np_k[i] = p.top_k
             flags[:, i] = (p.temperature == 0.0, p.top_p < 1.0, p.min_p > 0.0,
-                           bool(p.presence_penalty or p.frequency_penalty
-                                or p.repetition_penalty != 1.0))
+                           p.has_penalties)
             self.num_logprobs[i] = -1 if p.logprobs is None else p.logprobs
         self.dev_f.copy_(self.host_f, non_blocking=True)
         self.dev_k.copy_(self.host_k, non_blocking=True)
